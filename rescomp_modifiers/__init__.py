@@ -1,0 +1,1 @@
+"""rescomp-modifiers: compensation-based weight quantizers for llm-compressor."""

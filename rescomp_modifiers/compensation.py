@@ -1,0 +1,624 @@
+"""The compensation solver: GPTQ, GPTAQ, CAE and FOEM in one batched column loop.
+
+Notation (see DESIGN.md): a Linear ``y = W x`` with ``W`` of shape ``[rows, columns]``;
+per calibration token ``x_q`` is the layer input in the quantized flow and ``x_fp`` the
+input in the untouched full-precision flow. Statistics, normalized like llm-compressor's
+Hessian (``2/N``, N = number of sequences)::
+
+    H = 2/N sum x_q x_q^T            (hessians)
+    D = 2/N sum (x_fp - x_q) x_q^T   (asymmetry, "dXX^T")
+
+``Hd = H + lambda I`` and ``U`` is the upper Cholesky factor of ``Hd^-1``
+(``Hd^-1 = U^T U``), exactly what llm-compressor's ``factorize_hessian`` returns.
+
+For column ``c`` with latent value ``w``, original value ``w0`` and quantized value
+``q``, the papers' updates of the later columns are::
+
+    GPTQ   W[:, c+1:] -= (w - q) / U[c,c] * U[c, c+1:]
+    GPTAQ  W[:, c+1:] += a * w * P[c, c+1:]             P = triu(D U^T, 1) U
+    CAE    W[:, c+1:] += b * (w0 - w) * R[c, c+1:]      R = triu((H + D) U^T, 1) U
+    FOEM   the GPTQ error becomes ((w - q) - f * (w - w0)) / U[c,c]
+
+Each is the least-squares projection onto the remaining columns of the output residual
+that column ``c`` leaves behind: GPTQ's ``(w - q) x_q``, GPTAQ's ``w (x_fp - x_q)`` and
+CAE's ``(w0 - w) x_fp``. With ``a = b = 1`` the three add up to ``w0 x_fp - q x_q``: the
+layer then greedily matches the full-precision layer's output ``W0 X_fp``.
+
+The algebra this file exploits. Because ``Hd U^T = U^-1`` is upper triangular, the
+``H`` half of ``R`` is ``triu(H U^T, 1) U = -triu(U / diag(U)[:, None], 1)``: it is a
+multiple of GPTQ's own update row and folds into the error. Writing ``R = P + S``::
+
+    W[:, c+1:] -= e * U[c, c+1:] - v * P[c, c+1:]
+    e = ((w - q) + (b + f) * (w0 - w)) / U[c,c]          (modified error)
+    v = (a - b) * w + b * w0                              (asymmetric driver)
+
+so every combination is a rank-2 update with a single extra matrix ``P`` (absent with
+plain GPTQ statistics, ``D = 0``). The ``b * w0`` part of the driver does not depend on
+the loop at all: with scales fixed before the loop it is applied once per layer as
+``W += b * W0 @ P`` (``P`` is strictly upper triangular, so column ``j`` receives
+exactly the contributions of the columns before it). With equal coefficients
+(``a == b``, the papers' and the released code's CAE setting) the loop is then the
+plain GPTQ loop with a modified error.
+
+Two semantics (named by :class:`LazyUpdate` and the coefficients):
+
+* the papers' equations: ``a = b = 1``, ``f = 1``, lazy block updates with the latent
+  column values, so the result does not depend on the block size;
+* the released research code, which produced the published tables: ``a = 0.25``
+  (GPTAQ), ``a = b = 0.25`` (CAE), ``f = 0.2`` with a pull of the next in-block column
+  toward ``W0`` (FOEM, as in its maintained implementation); CAE's lazy update uses the
+  latent values clamped to the group's representable range at 3+ bits ("allw") and the
+  quantized values at 2 bits ("org", as released GPTAQ), which makes the result depend
+  on the block size.
+"""
+
+from __future__ import annotations
+
+import math
+from copy import copy
+from dataclasses import dataclass, replace
+from enum import Enum
+
+import torch
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationStrategy,
+    fake_quantize,
+)
+from compressed_tensors.quantization.utils import calculate_qparams, calculate_range
+from llmcompressor.modifiers.gptq.gptq_quantize import gptq_block_update
+from llmcompressor.modifiers.gptq.helpers import (
+    GPTQ_PRECISION,
+    apply_activation_ordering,
+    column_scale_window,
+    factorize_hessian,
+)
+
+__all__ = [
+    "LazyUpdate",
+    "GroupScales",
+    "Semantics",
+    "CompensationTerms",
+    "CompensationResult",
+    "compensate_weight",
+    "asymmetric_projection",
+]
+
+SUPPORTED_STRATEGIES = (
+    QuantizationStrategy.TENSOR,
+    QuantizationStrategy.CHANNEL,
+    QuantizationStrategy.GROUP,
+    QuantizationStrategy.TENSOR_GROUP,
+    QuantizationStrategy.BLOCK,
+)
+
+
+class LazyUpdate(str, Enum):
+    """Which column values drive the GPTAQ/CAE terms in the between-block update."""
+
+    #: the latent values, as in the papers' equations; block-size invariant
+    LATENT = "latent"
+    #: the latent values clamped to the group's representable range (released CAE, 3+ bits)
+    CLAMPED_LATENT = "clamped_latent"
+    #: the quantized values (released GPTAQ, released CAE at 2 bits); block-size dependent
+    QUANTIZED = "quantized"
+
+
+class GroupScales(str, Enum):
+    """When group scales are computed."""
+
+    #: by llm-compressor's observer from the original weights before the loop (default:
+    #: the checkpoint's scales are the observer's, e.g. MSE-searched, and upstream GPTQ
+    #: is reproduced exactly)
+    STATIC = "static"
+    #: min-max from the latent (compensated) weights when a group's first column is
+    #: reached, as the research code does without ``--static-groups``
+    DYNAMIC = "dynamic"
+
+
+class Semantics(str, Enum):
+    """Which definition of the methods the coefficient defaults follow."""
+
+    #: the released research code; reproduces the published tables
+    RELEASED = "released"
+    #: the papers' equations (all coefficients 1, block-size invariant)
+    PAPER = "paper"
+
+
+@dataclass(frozen=True)
+class CompensationTerms:
+    """Which update terms the column loop applies, with their coefficients.
+
+    All zero is plain GPTQ. See the module docstring for the equations.
+    """
+
+    #: GPTAQ's coefficient ``a`` on ``w * P`` (needs the asymmetry statistics D)
+    asymmetric_coefficient: float = 0.0
+    #: CAE's coefficient ``b`` on ``(w0 - w) * R``
+    compensation_aware_coefficient: float = 0.0
+    #: FOEM's coefficient ``f`` on ``(w - w0)`` in the error
+    first_order_coefficient: float = 0.0
+    #: FOEM (maintained implementation): pull the next in-block column toward W0 by ``f``
+    first_order_next_column_pull: bool = False
+    #: which values drive the asymmetric/CAE terms between blocks
+    lazy_update: LazyUpdate = LazyUpdate.LATENT
+    #: when group scales are computed
+    group_scales: GroupScales = GroupScales.STATIC
+
+    def __post_init__(self):
+        for name in (
+            "asymmetric_coefficient",
+            "compensation_aware_coefficient",
+            "first_order_coefficient",
+        ):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
+        object.__setattr__(self, "lazy_update", LazyUpdate(self.lazy_update))
+        object.__setattr__(self, "group_scales", GroupScales(self.group_scales))
+
+    @property
+    def uses_original_weights(self) -> bool:
+        return (
+            self.compensation_aware_coefficient != 0.0
+            or self.first_order_coefficient != 0.0
+        )
+
+    def is_plain_gptq(self, has_asymmetry: bool) -> bool:
+        return (
+            not self.uses_original_weights
+            and not (has_asymmetry and self.asymmetric_coefficient != 0.0)
+            and self.group_scales == GroupScales.STATIC
+        )
+
+    @classmethod
+    def for_method(
+        cls,
+        method: str,
+        semantics: Semantics | str = Semantics.RELEASED,
+        num_bits: int = 4,
+    ) -> "CompensationTerms":
+        """Coefficients for a named method.
+
+        :param method: ``gptq``, ``gptaq``, ``cae`` (GPTAQ statistics, the paper's
+            Algorithm 1), ``gptq_cae`` (plain GPTQ statistics, Algorithm 2), ``foem``
+            or ``foem_gptaq``
+        :param semantics: ``released`` (the research code; reproduces the published
+            tables) or ``paper`` (the papers' equations)
+        :param num_bits: weight bits; the released CAE code switches its lazy update
+            at 2 bits
+        """
+        semantics = Semantics(semantics)
+        paper = semantics == Semantics.PAPER
+        coefficient = 1.0 if paper else 0.25
+        foem = 1.0 if paper else 0.2
+        if paper:
+            cae_lazy = LazyUpdate.LATENT
+        else:
+            cae_lazy = LazyUpdate.QUANTIZED if num_bits <= 2 else LazyUpdate.CLAMPED_LATENT
+        gptaq_lazy = LazyUpdate.LATENT if paper else LazyUpdate.QUANTIZED
+        table = {
+            "gptq": cls(),
+            "gptaq": cls(asymmetric_coefficient=coefficient, lazy_update=gptaq_lazy),
+            "cae": cls(
+                asymmetric_coefficient=coefficient,
+                compensation_aware_coefficient=coefficient,
+                lazy_update=cae_lazy,
+            ),
+            "gptq_cae": cls(
+                compensation_aware_coefficient=coefficient, lazy_update=cae_lazy
+            ),
+            "foem": cls(
+                first_order_coefficient=foem, first_order_next_column_pull=not paper
+            ),
+            "foem_gptaq": cls(
+                asymmetric_coefficient=coefficient,
+                first_order_coefficient=foem,
+                first_order_next_column_pull=not paper,
+                lazy_update=gptaq_lazy,
+            ),
+        }
+        if method not in table:
+            raise ValueError(f"Unknown method {method!r}; choose one of {sorted(table)}")
+        return table[method]
+
+    def with_overrides(self, **overrides) -> "CompensationTerms":
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass
+class CompensationResult:
+    """What :func:`compensate_weight` returns (the first three like upstream's)."""
+
+    #: fake-quantized weights ``[batch, rows, columns]`` in the input dtype
+    quantized: torch.Tensor
+    #: per-item GPTQ proxy loss ``sum ((w - q) / U[c,c])^2 / 2``
+    losses: torch.Tensor
+    #: per-item flag: the Hessian factorization failed, round-to-nearest was used
+    used_rtn_fallback: torch.Tensor
+    #: scales and zero points that quantize ``quantized`` (changed only by dynamic groups)
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
+
+def asymmetric_projection(asymmetry: torch.Tensor, hinv_factor: torch.Tensor) -> torch.Tensor:
+    """``P = triu(D U^T, 1) U``: the asymmetric residual projected onto later columns.
+
+    Row ``c`` of ``P`` equals ``D[c, c+1:] (H_{c+1:})^-1`` for the damped trailing
+    block of H, i.e. the least-squares coefficients that re-express column ``c``'s
+    input difference through the later columns' quantized-flow inputs.
+    """
+    projection = torch.matmul(asymmetry, hinv_factor.transpose(-1, -2)).triu_(1)
+    return torch.matmul(projection, hinv_factor)
+
+
+def _validate(weights, hessians, asymmetry, original_weights, quant_args, terms):
+    if weights.ndim != 3 or hessians.ndim != 3:
+        raise ValueError(
+            "weights must be [batch, rows, columns] and hessians [batch, columns, "
+            f"columns]; got {tuple(weights.shape)} and {tuple(hessians.shape)}"
+        )
+    batch, _, columns = weights.shape
+    if hessians.shape != (batch, columns, columns):
+        raise ValueError(
+            f"hessians must have shape {(batch, columns, columns)} to match weights "
+            f"{tuple(weights.shape)}; got {tuple(hessians.shape)} (is H square and "
+            "built from this layer's inputs?)"
+        )
+    if not torch.isfinite(hessians).all():
+        raise ValueError(
+            "The Hessian H contains NaN or Inf: the calibration activations are not "
+            "finite. Check the model's dtype (fp16 overflow) and the calibration data."
+        )
+    if asymmetry is not None:
+        if asymmetry.shape != hessians.shape:
+            raise ValueError(
+                f"asymmetry statistics D must have the Hessian's shape "
+                f"{tuple(hessians.shape)}; got {tuple(asymmetry.shape)}"
+            )
+        if not torch.isfinite(asymmetry).all():
+            raise ValueError(
+                "The asymmetry statistics D contain NaN or Inf: the full-precision or "
+                "quantized activations are not finite."
+            )
+    if original_weights is not None and original_weights.shape != weights.shape:
+        raise ValueError(
+            f"original_weights must have the weights' shape {tuple(weights.shape)}; "
+            f"got {tuple(original_weights.shape)}"
+        )
+    if terms.uses_original_weights and original_weights is None:
+        raise ValueError(
+            "CAE and FOEM terms need original_weights (W0); pass the weights as "
+            "they were before any compensation."
+        )
+    if quant_args.strategy not in SUPPORTED_STRATEGIES:
+        raise ValueError(
+            f"Quantization strategy {quant_args.strategy.value!r} is not supported by "
+            f"the compensation solver; use one of "
+            f"{[s.value for s in SUPPORTED_STRATEGIES]}."
+        )
+    if terms.group_scales == GroupScales.DYNAMIC and (
+        quant_args.strategy != QuantizationStrategy.GROUP
+        or quant_args.type != "int"
+    ):
+        raise ValueError(
+            "group_scales='dynamic' recomputes integer group scales from the latent "
+            "weights; it needs strategy 'group' with type 'int'. Use "
+            "group_scales='static' for other schemes."
+        )
+    if quant_args.strategy == QuantizationStrategy.GROUP and columns % quant_args.group_size:
+        raise ValueError(
+            f"group_size {quant_args.group_size} does not divide the layer's "
+            f"{columns} input columns; choose a group size that divides {columns} "
+            "(e.g. 32 or 64) or add this layer to `ignore`."
+        )
+
+
+def _gather_columns(tensor: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    return torch.gather(tensor, -1, perm.unsqueeze(-2).expand(*tensor.shape[:-1], -1))
+
+
+def _permute_square(tensor: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    tensor = _gather_columns(tensor, perm)
+    return torch.gather(tensor, -2, perm.unsqueeze(-1).expand(-1, -1, tensor.shape[-1]))
+
+
+@torch.no_grad()
+def compensate_weight(
+    weights: torch.Tensor,
+    hessians: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    global_scale: torch.Tensor | None,
+    quant_args: QuantizationArgs,
+    *,
+    asymmetry: torch.Tensor | None = None,
+    original_weights: torch.Tensor | None = None,
+    terms: CompensationTerms = CompensationTerms(),
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    module_names: list[str] | None = None,
+) -> CompensationResult:
+    """Quantize a batch of weights with any combination of the compensation terms.
+
+    Arguments follow llm-compressor's ``quantize_weight`` (batched ``[batch, rows,
+    columns]``, normalized Hessians, observer qparams stacked per item).
+
+    :param asymmetry: ``D = 2/N sum (x_fp - x_q) x_q^T``, ``[batch, columns, columns]``;
+        ``None`` means plain GPTQ statistics (``D = 0``)
+    :param original_weights: ``W0`` when the weights handed in are not the originals;
+        defaults to ``weights`` (the usual case: nothing has touched them yet)
+    :param terms: which terms to apply, see :class:`CompensationTerms`
+    :param module_names: names for warnings (e.g. a failed Cholesky)
+    """
+    if original_weights is None and terms.uses_original_weights:
+        original_weights = weights
+    _validate(weights, hessians, asymmetry, original_weights, quant_args, terms)
+
+    batch_size, num_rows, num_columns = weights.shape
+    final_dtype = weights.dtype
+    device = weights.device
+    W = weights.to(dtype=GPTQ_PRECISION).clone()
+    H = hessians.to(device=device, dtype=GPTQ_PRECISION).clone()
+    D = None
+    if asymmetry is not None and terms.asymmetric_coefficient != 0.0 or (
+        asymmetry is not None and terms.compensation_aware_coefficient != 0.0
+    ):
+        D = asymmetry.to(device=device, dtype=GPTQ_PRECISION)
+    W0 = (
+        original_weights.to(device=device, dtype=GPTQ_PRECISION)
+        if terms.uses_original_weights
+        else None
+    )
+    scale = scale.to(device=device).clone()
+    zero_point = zero_point.to(device=device).clone()
+    if global_scale is not None:
+        global_scale = global_scale.to(device=device)
+
+    # Activation ordering permutes W and both axes of H (upstream, in place); D on both
+    # axes and W0's columns must follow the same permutation.
+    W, H, perm = apply_activation_ordering(W, H, quant_args.actorder)
+    if perm is not None:
+        if D is not None:
+            D = _permute_square(D, perm)
+        if W0 is not None:
+            W0 = _gather_columns(W0, perm)
+
+    g_idx = None
+    strategy = quant_args.strategy
+    if strategy in (
+        QuantizationStrategy.GROUP,
+        QuantizationStrategy.TENSOR_GROUP,
+        QuantizationStrategy.BLOCK,
+    ):
+        divisor = (
+            quant_args.group_size
+            if strategy != QuantizationStrategy.BLOCK
+            else quant_args.block_structure[1]
+        )
+        g_idx = torch.arange(num_columns, device=device, dtype=torch.int) // divisor
+        g_idx = g_idx.unsqueeze(0).expand(batch_size, -1)
+        if perm is not None:
+            g_idx = torch.gather(g_idx, 1, perm)
+
+    losses = torch.zeros(batch_size, num_rows, device=device)
+    used_rtn_fallback = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0
+    Hinv = factorize_hessian(W, H, percdamp, used_rtn_fallback)  # zeroes W's dead columns
+    del H
+    if used_rtn_fallback.any():
+        names = module_names or [f"batch item {i}" for i in range(batch_size)]
+        failed = [names[i] for i in used_rtn_fallback.nonzero().flatten().tolist()]
+        from loguru import logger
+
+        logger.warning(
+            f"Hessian Cholesky failed for {failed}: falling back to round-to-nearest "
+            "for these modules (no GPTQ, GPTAQ or CAE terms). Increase "
+            "dampening_frac or the number of calibration samples."
+        )
+    if dead.any():
+        if W0 is not None:
+            W0 = W0.masked_fill(dead.unsqueeze(1), 0)
+        if D is not None:
+            D = D.masked_fill(dead.unsqueeze(1), 0)
+
+    asym = terms.asymmetric_coefficient if D is not None else 0.0
+    cae = terms.compensation_aware_coefficient
+    first_order = terms.first_order_coefficient
+    P = None
+    if D is not None and (asym != 0.0 or cae != 0.0):
+        # A failed factorization means round-to-nearest: no projected terms at all.
+        D = D.masked_fill(used_rtn_fallback.view(-1, 1, 1), 0)
+        P = asymmetric_projection(D, Hinv)
+        del D
+
+    static = terms.group_scales == GroupScales.STATIC
+    # v = (a - b) w + b w0: the b*w0 part is loop-independent; apply it once up front
+    # when the scales do not depend on the latent weights.
+    driver_in_loop = P is not None and (asym != cae or not static)
+    if P is not None and cae != 0.0 and static:
+        W += cae * torch.bmm(W0, P)
+
+    if terms.is_plain_gptq(P is not None):
+        return _finish(
+            _upstream_loop(W, Hinv, scale, zero_point, global_scale, g_idx, quant_args,
+                           blocksize, losses),
+            perm, losses, used_rtn_fallback, scale, zero_point, final_dtype,
+        )
+
+    altered_qargs = copy(quant_args)
+    altered_qargs.strategy = QuantizationStrategy.CHANNEL
+    q_min, q_max = calculate_range(quant_args, device)
+    clamp_lazy = terms.lazy_update == LazyUpdate.CLAMPED_LATENT
+    quantized_lazy = terms.lazy_update == LazyUpdate.QUANTIZED
+    lazy_differs = (clamp_lazy or quantized_lazy) and (P is not None or cae != 0.0)
+    dynamic = None if static else _DynamicGroups(g_idx, quant_args, scale, zero_point)
+
+    for i1 in range(0, num_columns, blocksize):
+        i2 = min(i1 + blocksize, num_columns)
+        count = i2 - i1
+        W1 = W[:, :, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)  # in-block error e
+        LazyErr1 = torch.zeros_like(W1) if lazy_differs else Err1
+        Drive1 = torch.zeros_like(W1) if driver_in_loop else None  # lazy driver v
+        losses1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[:, i1:i2, i1:i2]
+        P1 = P[:, i1:i2, i1:i2] if driver_in_loop else None
+        W0_1 = W0[:, :, i1:i2] if W0 is not None else None
+
+        eff, zp = column_scale_window(
+            scale, zero_point, global_scale, g_idx, quant_args, num_rows, i1, i2
+        )
+        for i in range(count):
+            if dynamic is not None and dynamic.starts_group(i1 + i):
+                latent = _latent_snapshot(
+                    W, W1, i1, i, Hinv, P, LazyErr1, Drive1, driver_in_loop
+                )
+                dynamic.compute(i1 + i, latent)
+                eff, zp = column_scale_window(
+                    scale, zero_point, global_scale, g_idx, quant_args, num_rows, i1, i2
+                )
+            w = W1[:, :, i]
+            q = fake_quantize(
+                w.transpose(0, 1),
+                eff[:, :, i].transpose(0, 1),
+                None if zp is None else zp[:, :, i].transpose(0, 1),
+                altered_qargs,
+            ).transpose(0, 1)
+            diagonal = Hinv1[:, i, i].unsqueeze(-1)
+            gptq_error = (w - q) / diagonal
+            losses1[:, :, i] = gptq_error.square()
+            Q1[:, :, i] = q
+
+            deviation = None
+            if W0_1 is not None:
+                deviation = W0_1[:, :, i] - w  # w0 - w
+            error = gptq_error
+            if deviation is not None and (cae + first_order) != 0.0:
+                error = gptq_error + (cae + first_order) * deviation / diagonal
+            Err1[:, :, i] = error
+
+            lazy_value = w
+            if lazy_differs:
+                if clamp_lazy:
+                    offset = 0.0 if zp is None else zp[:, :, i]
+                    scl = eff[:, :, i]
+                    lazy_value = torch.minimum(
+                        torch.maximum(w, (q_min - offset) * scl), (q_max - offset) * scl
+                    )
+                else:
+                    lazy_value = q
+                # e_lazy = e + b (w - w_lazy) / U_cc: CAE's H-part with the lazy value
+                LazyErr1[:, :, i] = error + cae * (w - lazy_value) / diagonal
+
+            if driver_in_loop:
+                drive = (asym - cae) * w
+                if not static:
+                    drive = drive + cae * W0_1[:, :, i]
+                lazy_drive = drive
+                if lazy_differs:
+                    lazy_drive = (asym - cae) * lazy_value
+                    if not static:
+                        lazy_drive = lazy_drive + cae * W0_1[:, :, i]
+                Drive1[:, :, i] = lazy_drive
+                # one fused rank-2 update: W[:, c+1:] -= e U[c, c+1:] - v P[c, c+1:]
+                rows = torch.stack((error, -drive), dim=-1)
+                factors = torch.stack((Hinv1[:, i, i + 1:], P1[:, i, i + 1:]), dim=1)
+                W1[:, :, i + 1:] -= torch.bmm(rows, factors)
+            else:
+                W1[:, :, i + 1:] -= error.unsqueeze(-1) * Hinv1[:, i, i + 1:].unsqueeze(1)
+
+            if terms.first_order_next_column_pull and i + 1 < count:
+                W1[:, :, i + 1] -= first_order * (W1[:, :, i + 1] - W0_1[:, :, i + 1])
+
+        W[:, :, i1:i2] = Q1
+        losses += torch.sum(losses1, 2) / 2
+        if i2 < num_columns:
+            if driver_in_loop:
+                # one fused matmul over [E | -V] and [U; P] for the between-block update
+                left = torch.cat((LazyErr1, -Drive1), dim=-1)
+                right = torch.cat((Hinv[:, i1:i2, i2:], P[:, i1:i2, i2:]), dim=-2)
+                W[:, :, i2:] -= torch.bmm(left, right)
+            else:
+                W[:, :, i2:] -= torch.bmm(LazyErr1, Hinv[:, i1:i2, i2:])
+
+    return _finish(W, perm, losses, used_rtn_fallback, scale, zero_point, final_dtype)
+
+
+def _upstream_loop(W, Hinv, scale, zero_point, global_scale, g_idx, quant_args, blocksize, losses):
+    """Upstream's GPTQ loop (its eager or Triton block kernel), for plain GPTQ terms."""
+    num_columns = W.shape[-1]
+    for i1 in range(0, num_columns, blocksize):
+        i2 = min(i1 + blocksize, num_columns)
+        W1 = W[:, :, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        losses1 = torch.zeros_like(W1)
+        gptq_block_update(
+            W1, Hinv[:, i1:i2, i1:i2], Q1, Err1, losses1,
+            scale=scale, zero_point=zero_point, global_scale=global_scale,
+            g_idx=g_idx, quant_args=quant_args, i1=i1,
+        )
+        W[:, :, i1:i2] = Q1
+        losses += torch.sum(losses1, 2) / 2
+        W[:, :, i2:] -= torch.bmm(Err1, Hinv[:, i1:i2, i2:])
+    return W
+
+
+def _finish(W, perm, losses, used_rtn_fallback, scale, zero_point, final_dtype):
+    if perm is not None:
+        invperm = torch.argsort(perm, dim=-1)
+        W = _gather_columns(W, invperm)
+    return CompensationResult(
+        quantized=W.to(final_dtype),
+        losses=losses.sum(dim=1),
+        used_rtn_fallback=used_rtn_fallback,
+        scale=scale,
+        zero_point=zero_point,
+    )
+
+
+def _latent_snapshot(W, W1, i1, i, Hinv, P, LazyErr1, Drive1, driver_in_loop):
+    """The exact latent weights of all columns from ``i1 + i`` on.
+
+    In-block columns are current in ``W1``; later columns still miss the lazy update
+    of this block's already processed columns, which is applied here to a copy.
+    """
+    i2 = i1 + W1.shape[-1]
+    later = W[:, :, i2:] - torch.bmm(LazyErr1[:, :, :i], Hinv[:, i1:i1 + i, i2:])
+    if driver_in_loop:
+        later += torch.bmm(Drive1[:, :, :i], P[:, i1:i1 + i, i2:])
+    return torch.cat((W1[:, :, i:], later), dim=-1)
+
+
+class _DynamicGroups:
+    """Group scales recomputed (min-max) from the latent weights at each group's start."""
+
+    def __init__(self, g_idx, quant_args, scale, zero_point):
+        self.g_idx = g_idx  # [batch, columns] group of each processed column
+        self.quant_args = quant_args
+        self.scale = scale  # [batch, rows, groups], updated in place
+        self.zero_point = zero_point
+        num_groups = scale.shape[-1]
+        self.started = torch.zeros(g_idx.shape[0], num_groups, dtype=torch.bool)
+        self.g_idx_cpu = g_idx.cpu()
+
+    def starts_group(self, column: int) -> bool:
+        groups = self.g_idx_cpu[:, column]
+        return bool((~self.started[torch.arange(len(groups)), groups]).any())
+
+    def compute(self, column: int, latent: torch.Tensor) -> None:
+        """``latent`` holds the latent values of processed columns ``column...``."""
+        for item in range(self.g_idx_cpu.shape[0]):
+            group = int(self.g_idx_cpu[item, column])
+            if self.started[item, group]:
+                continue
+            self.started[item, group] = True
+            members = (self.g_idx_cpu[item, column:] == group).nonzero().flatten()
+            values = latent[item][:, members.to(latent.device)]
+            new_scale, new_zero = calculate_qparams(
+                values.amin(dim=-1), values.amax(dim=-1), self.quant_args
+            )
+            self.scale[item, :, group] = new_scale.to(self.scale.dtype)
+            self.zero_point[item, :, group] = new_zero.to(self.zero_point.dtype)
