@@ -1,1 +1,37 @@
-"""rescomp-modifiers: compensation-based weight quantizers for llm-compressor."""
+"""rescomp-modifiers: compensation-based weight quantizers for llm-compressor.
+
+``import rescomp_modifiers`` registers ``GPTAQModifier``, ``CAEModifier`` and
+``FOEMModifier`` with llm-compressor's ``ModifierFactory`` (so YAML recipes that name
+them parse) and the ``dual_stream`` calibration pipeline, which ``oneshot`` then picks
+by itself for modifiers that need the full-precision stream. Importing twice is
+harmless.
+"""
+
+from llmcompressor.modifiers.factory import ModifierFactory
+
+from rescomp_modifiers.compensation import (
+    CompensationTerms,
+    GroupScales,
+    LazyUpdate,
+    Semantics,
+    compensate_weight,
+)
+from rescomp_modifiers.modifiers import CAEModifier, FOEMModifier, GPTAQModifier
+from rescomp_modifiers.pipeline import DualStreamPipeline, install_pipeline_inference, last_drift
+
+__all__ = [
+    "GPTAQModifier",
+    "CAEModifier",
+    "FOEMModifier",
+    "DualStreamPipeline",
+    "CompensationTerms",
+    "GroupScales",
+    "LazyUpdate",
+    "Semantics",
+    "compensate_weight",
+    "last_drift",
+]
+
+for _modifier in (GPTAQModifier, CAEModifier, FOEMModifier):
+    ModifierFactory.register(_modifier.__name__, _modifier)
+install_pipeline_inference()

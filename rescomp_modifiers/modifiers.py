@@ -1,0 +1,430 @@
+"""GPTAQModifier, CAEModifier and FOEMModifier: thin GPTQModifier subclasses.
+
+Each collects what its terms need on top of GPTQ's Hessian (the asymmetry statistics
+``D`` from the full-precision stream, when asked) and hands everything to
+:func:`rescomp_modifiers.compensation.compensate_weight`. Every scheme, observer,
+``targets``, ``ignore``, ``actorder``, ``block_size`` and ``dampening_frac`` option of
+``GPTQModifier`` keeps working.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from typing import ClassVar, Literal
+
+import torch
+import transformers
+from compressed_tensors.distributed import wait_for_comms
+from compressed_tensors.offload import disable_offloading
+from compressed_tensors.utils import get_execution_device, getattr_chain
+from llmcompressor.core import Event, State
+from llmcompressor.modifiers.gptq import GPTQModifier
+from llmcompressor.modifiers.gptq.helpers import (
+    GPTQ_PRECISION,
+    assign_batches,
+    prepare_batch,
+    update_batch_qparams,
+)
+from llmcompressor.utils.metric_logging import CompressionLogger
+from loguru import logger
+from pydantic import PrivateAttr
+from torch import distributed as dist
+
+from rescomp_modifiers.compensation import (
+    CompensationTerms,
+    GroupScales,
+    LazyUpdate,
+    Semantics,
+    compensate_weight,
+)
+
+__all__ = ["GPTAQModifier", "CAEModifier", "FOEMModifier", "CompensationModifier"]
+
+
+class MissingFullPrecisionStream(RuntimeError):
+    """A dual-stream modifier ran without the full-precision activation stream."""
+
+
+def _as_observations(inp: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    """``[tokens, features]`` view of a module input, like upstream's Hessian hook."""
+    if not isinstance(module, (torch.nn.Linear, transformers.Conv1D)):
+        raise ValueError(
+            f"Dual-stream statistics support Linear and Conv1D modules, not "
+            f"{type(module).__name__}; add it to `ignore`."
+        )
+    return inp.reshape(-1, inp.shape[-1]).to(dtype=GPTQ_PRECISION)
+
+
+def accumulate_asymmetry(
+    fp_inp: torch.Tensor, inp: torch.Tensor, module: torch.nn.Module, asymmetry: torch.Tensor
+) -> torch.Tensor:
+    """``D += 2 (x_fp - x_q) x_q^T``, summed like upstream's ``H`` (normalized later)."""
+    if fp_inp.shape != inp.shape:
+        raise ValueError(
+            f"The full-precision and quantized inputs of {type(module).__name__} have "
+            f"different shapes {tuple(fp_inp.shape)} vs {tuple(inp.shape)}: the two "
+            "streams routed tokens differently (for MoE models keep "
+            "moe_calibrate_all_experts=True)."
+        )
+    x_q = _as_observations(inp, module).to(asymmetry.device)
+    x_fp = _as_observations(fp_inp, module).to(asymmetry.device)
+    if not (torch.isfinite(x_q).all() and torch.isfinite(x_fp).all()):
+        raise ValueError(
+            f"NaN or Inf in the calibration activations of {type(module).__name__}: "
+            "check the model dtype (fp16 overflow) and the calibration data."
+        )
+    asymmetry.addmm_((x_fp - x_q).t(), x_q, alpha=2.0)
+    return asymmetry
+
+
+class CompensationModifier(GPTQModifier):
+    """Shared machinery; use one of the concrete modifiers below."""
+
+    #: method name for :meth:`CompensationTerms.for_method`
+    method: ClassVar[str] = "gptq"
+    #: the log name next to the per-module loss
+    log_name: ClassVar[str] = "GPTQ"
+
+    #: Coefficient defaults: ``released`` follows the released research code and
+    #: reproduces the published tables; ``paper`` follows the papers' equations
+    #: (all coefficients 1, block-size invariant).
+    semantics: Semantics = Semantics.RELEASED
+    #: When group scales are computed: ``static`` (llm-compressor's observer on the
+    #: original weights before the loop; default, exact upstream GPTQ when all terms
+    #: are off) or ``dynamic`` (min-max of the latent weights when each group starts,
+    #: as the research code without --static-groups).
+    group_scales: GroupScales = GroupScales.STATIC
+    #: Override of the between-block update mode (None: from ``semantics``).
+    lazy_update: LazyUpdate | None = None
+
+    _asymmetry: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _fp_stream: "FullPrecisionStream | None" = PrivateAttr(default=None)
+
+    # -- what the subclasses decide -------------------------------------------------
+    @property
+    def needs_full_precision_stream(self) -> bool:
+        return False
+
+    def overrides(self) -> dict:
+        return {}
+
+    def compensation_terms(self, num_bits: int) -> CompensationTerms:
+        terms = CompensationTerms.for_method(self.method, self.semantics, num_bits)
+        return terms.with_overrides(
+            lazy_update=self.lazy_update, group_scales=self.group_scales, **self.overrides()
+        )
+
+    # -- the full-precision stream ----------------------------------------------------
+    def attach_full_precision_stream(self, stream: "FullPrecisionStream | None") -> None:
+        """Called by the dual-stream pipeline before calibration starts."""
+        self._fp_stream = stream
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs):
+        if self.needs_full_precision_stream and self._fp_stream is None:
+            raise MissingFullPrecisionStream(
+                f"{type(self).__name__} needs the full-precision activation stream, "
+                "which only the `dual_stream` calibration pipeline provides. Do not "
+                "force `pipeline='sequential'` (or 'basic') in oneshot: leave "
+                "`pipeline` unset or set `pipeline='dual_stream'`."
+            )
+        super().on_calibration_start(state, event, **kwargs)
+        if self._fp_stream is not None:
+            self._fp_stream.watch(self._hooked_modules())
+
+    def _hooked_modules(self) -> list[torch.nn.Module]:
+        # the modules upstream's on_calibration_start gives a Hessian hook
+        return [
+            module
+            for module in self._module_names
+            if getattr_chain(module, "quantization_scheme.weights", None) is not None
+            and not isinstance(module, torch.nn.Embedding)
+        ]
+
+    def calibrate_module(self, module, args, _output):
+        super().calibrate_module(module, args, _output)
+        if not self.needs_full_precision_stream:
+            return
+        fp_inp = self._fp_stream.pop(module)
+        if fp_inp is None:
+            raise MissingFullPrecisionStream(
+                f"{type(self).__name__} saw a quantized-stream input of "
+                f"{self._module_names.get(module, module)} without its full-precision "
+                "twin; refusing to silently degrade to GPTQ. Run it under the "
+                "`dual_stream` pipeline."
+            )
+        if module not in self._asymmetry:
+            self._asymmetry[module] = torch.zeros_like(self._hessians[module])
+        accumulate_asymmetry(fp_inp, args[0], module, self._asymmetry[module])
+
+    def on_calibration_end(self, state: State, event: Event, **kwargs):
+        super().on_calibration_end(state, event, **kwargs)
+        if self._fp_stream is not None:
+            self._fp_stream.unwatch(self._hooked_modules())
+
+    # -- compression -------------------------------------------------------------------
+    def compress_module_list(self, module_list):
+        for batch in assign_batches(module_list, self.batched_quantization, self.block_size):
+            quant_args = getattr_chain(batch[0], "quantization_scheme.weights")
+            terms = self.compensation_terms(quant_args.num_bits)
+            batch_qparams = [module.weight_observer.get_qparams() for module in batch]
+            names = [self._module_names[module] for module in batch]
+            logger.info(f"Quantizing {len(batch)} module(s) with {self.log_name}: {names}")
+
+            with torch.no_grad(), disable_offloading(), contextlib.ExitStack() as stack:
+                asymmetry = None
+                if self.needs_full_precision_stream:
+                    asymmetry = torch.stack(
+                        [
+                            self._asymmetry.pop(module)
+                            / self._num_samples[module].to(self._hessians[module].device)
+                            for module in batch
+                        ]
+                    )
+                weights, hessians, scales, zero_points, global_scales = prepare_batch(
+                    batch, batch_qparams, self._hessians, self._num_samples
+                )
+                comp_loggers = [
+                    stack.enter_context(CompressionLogger(module)) for module in batch
+                ]
+                result = compensate_weight(
+                    weights,
+                    hessians,
+                    scales,
+                    zero_points,
+                    global_scales,
+                    quant_args,
+                    asymmetry=None if asymmetry is None else asymmetry.to(weights.device),
+                    terms=terms,
+                    blocksize=self.block_size,
+                    percdamp=self.dampening_frac,
+                    module_names=names,
+                )
+                for index, comp_logger in enumerate(comp_loggers):
+                    comp_logger.set_results(name=self.log_name, loss=result.losses[index].item())
+                    if result.used_rtn_fallback[index].item():
+                        self._rtn_fallback_module_names.append(names[index])
+                stack.close()
+                update_batch_qparams(
+                    batch, result.quantized, result.scale, result.zero_point,
+                    global_scales, quant_args,
+                )
+                self._num_compressed_modules += len(batch)
+
+    def _reduce_hessian_to_target_rank(self, module_list, module_to_rank):
+        # D is summed over ranks exactly like H, before upstream drops non-target copies.
+        if self.needs_full_precision_stream:
+            rank = dist.get_rank()
+            pending = []
+            for module in module_list:
+                target = module_to_rank[module]
+                pending.append(
+                    dist.reduce(self._asymmetry[module], op=dist.ReduceOp.SUM,
+                                dst=target, async_op=True)
+                )
+            wait_for_comms(pending)
+            for module in module_list:
+                if rank != module_to_rank[module]:
+                    self._asymmetry.pop(module, None)
+        super()._reduce_hessian_to_target_rank(module_list, module_to_rank)
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        result = super().on_finalize(state, **kwargs)
+        self._asymmetry = dict()
+        return result
+
+
+class GPTAQModifier(CompensationModifier):
+    """GPTAQ: asymmetric calibration (Li et al. 2025, arXiv 2504.02692).
+
+    Each layer is fitted to the full-precision model's output: the column loop adds
+    ``a * w * P``, ``P = triu(D U^T, 1) U`` with ``D = (X_fp - X_q) X_q^T``. Needs the
+    dual-stream pipeline, which ``oneshot`` picks by itself.
+
+    Sample yaml:
+
+    ```yaml
+    quant_stage:
+      quant_modifiers:
+        GPTAQModifier:
+          scheme: W4A16
+          targets: [Linear]
+          ignore: [lm_head]
+          semantics: released   # a = 0.25, as the published tables
+    ```
+
+    :param asymmetric_coefficient: ``a``; None takes 0.25 (``released``) or 1
+        (``paper``)
+    """
+
+    method: ClassVar[str] = "gptaq"
+    log_name: ClassVar[str] = "GPTAQ"
+
+    asymmetric_coefficient: float | None = None
+
+    @property
+    def needs_full_precision_stream(self) -> bool:
+        return True
+
+    def overrides(self) -> dict:
+        return {"asymmetric_coefficient": self.asymmetric_coefficient}
+
+
+class CAEModifier(CompensationModifier):
+    """CAE: compensation-aware error (Li et al., ICLR 2026, arXiv 2604.07955).
+
+    Adds ``b * (w0 - w) * R``, ``R = triu((H + D) U^T, 1) U``: the residual that the
+    compensation itself (latent weights drifting from the originals) leaves in the
+    full-precision output. On GPTAQ statistics by default (the paper's Algorithm 1,
+    needs the dual-stream pipeline), or on plain GPTQ statistics with
+    ``statistics: gptq`` (Algorithm 2; then ``D = 0`` and CAE costs nothing extra).
+
+    Sample yaml:
+
+    ```yaml
+    quant_stage:
+      quant_modifiers:
+        CAEModifier:
+          scheme: W4A16
+          targets: [Linear]
+          ignore: [lm_head]
+          statistics: gptaq
+          semantics: released   # a = b = 0.25, "allw" lazy update at 3+ bits
+    ```
+
+    :param statistics: ``gptaq`` (asymmetric statistics, Algorithm 1) or ``gptq``
+    :param asymmetric_coefficient: ``a`` (GPTAQ term); None: 0.25 released, 1 paper
+    :param compensation_aware_coefficient: ``b``; None: 0.25 released, 1 paper
+    """
+
+    method: ClassVar[str] = "cae"
+    log_name: ClassVar[str] = "CAE"
+
+    statistics: Literal["gptaq", "gptq"] = "gptaq"
+    asymmetric_coefficient: float | None = None
+    compensation_aware_coefficient: float | None = None
+
+    @property
+    def needs_full_precision_stream(self) -> bool:
+        return self.statistics == "gptaq"
+
+    def compensation_terms(self, num_bits: int) -> CompensationTerms:
+        method = "cae" if self.statistics == "gptaq" else "gptq_cae"
+        terms = CompensationTerms.for_method(method, self.semantics, num_bits)
+        return terms.with_overrides(
+            lazy_update=self.lazy_update,
+            group_scales=self.group_scales,
+            asymmetric_coefficient=self.asymmetric_coefficient,
+            compensation_aware_coefficient=self.compensation_aware_coefficient,
+        )
+
+
+class FOEMModifier(CompensationModifier):
+    """FOEM: first-order error compensation (Zheng et al., arXiv 2507.11017).
+
+    The GPTQ error becomes ``((w - q) - f (w - w0)) / U[c,c]``: the gradient of the
+    layer loss at the latent weights, which drift from the originals as compensation
+    accumulates. Optionally on GPTAQ statistics (``use_asymmetric_statistics``).
+
+    Sample yaml:
+
+    ```yaml
+    quant_stage:
+      quant_modifiers:
+        FOEMModifier:
+          scheme: W4A16
+          targets: [Linear]
+          ignore: [lm_head]
+          semantics: released   # f = 0.2 and the next-column pull (GPTQModel)
+    ```
+
+    :param first_order_coefficient: ``f``; None: 0.2 released, 1 paper
+    :param first_order_next_column_pull: pull the next in-block column toward W0 by
+        ``f`` (maintained implementation); None: on for released, off for paper
+    :param use_asymmetric_statistics: add GPTAQ's asymmetric term (dual stream)
+    :param asymmetric_coefficient: ``a`` with asymmetric statistics
+    """
+
+    method: ClassVar[str] = "foem"
+    log_name: ClassVar[str] = "FOEM"
+
+    first_order_coefficient: float | None = None
+    first_order_next_column_pull: bool | None = None
+    use_asymmetric_statistics: bool = False
+    asymmetric_coefficient: float | None = None
+
+    @property
+    def needs_full_precision_stream(self) -> bool:
+        return self.use_asymmetric_statistics
+
+    def compensation_terms(self, num_bits: int) -> CompensationTerms:
+        method = "foem_gptaq" if self.use_asymmetric_statistics else "foem"
+        terms = CompensationTerms.for_method(method, self.semantics, num_bits)
+        return terms.with_overrides(
+            lazy_update=self.lazy_update,
+            group_scales=self.group_scales,
+            first_order_coefficient=self.first_order_coefficient,
+            first_order_next_column_pull=self.first_order_next_column_pull,
+            asymmetric_coefficient=self.asymmetric_coefficient,
+        )
+
+
+class FullPrecisionStream:
+    """Per-module FIFO of full-precision inputs, filled by the dual-stream pipeline.
+
+    The pipeline runs each batch through the still-full-precision subgraph with all
+    modifier hooks disabled while :meth:`capturing`; plain forward-pre hooks stash every
+    watched module's input. The quantized pass of the same batch follows at once and
+    each modifier hook pops its twin, so X_fp and X_q of one sample always meet in one
+    statistics update and at most one batch of inputs is held.
+    """
+
+    def __init__(self):
+        self._queues: dict[torch.nn.Module, deque] = {}
+        self._handles: dict[torch.nn.Module, torch.utils.hooks.RemovableHandle] = {}
+        self._capturing = False
+
+    def watch(self, modules) -> None:
+        for module in modules:
+            if module in self._handles:
+                continue
+            self._queues[module] = deque()
+            self._handles[module] = module.register_forward_pre_hook(self._stash)
+
+    def unwatch(self, modules) -> None:
+        for module in list(modules):
+            handle = self._handles.pop(module, None)
+            if handle is not None:
+                handle.remove()
+            self._queues.pop(module, None)
+
+    def close(self) -> None:
+        self.unwatch(list(self._handles))
+
+    def _stash(self, module, args):
+        if self._capturing:
+            self._queues[module].append(args[0].detach())
+
+    @contextlib.contextmanager
+    def capturing(self):
+        self._capturing = True
+        try:
+            yield
+        finally:
+            self._capturing = False
+
+    def pop(self, module) -> torch.Tensor | None:
+        queue = self._queues.get(module)
+        return queue.popleft() if queue else None
+
+    def assert_consumed(self) -> None:
+        """Every stashed input met its quantized twin (else the streams diverged)."""
+        leftover = [q for q in self._queues.values() if q]
+        for queue in leftover:
+            queue.clear()
+        if leftover:
+            raise MissingFullPrecisionStream(
+                f"{len(leftover)} module(s) got full-precision inputs without a "
+                "quantized-stream twin in the same batch; the two streams took "
+                "different paths through the model."
+            )

@@ -1,0 +1,207 @@
+"""The dual-stream sequential calibration pipeline.
+
+llm-compressor's sequential pipeline carries one activation stream per subgraph. GPTAQ,
+CAE on GPTAQ statistics and FOEM with GPTAQ statistics need two: the quantized stream
+(earlier subgraphs already compressed) and the full-precision (FP) stream of the
+untouched model. Per subgraph (a decoder layer by default) and per batch this pipeline
+
+1. runs the FP stream through the still-FP subgraph with every modifier hook silent,
+   stashing each watched module's input (X_fp) and keeping the outputs as the next
+   subgraph's FP inputs;
+2. runs the quantized stream through the same subgraph with hooks on: the modifiers
+   accumulate H and D from X_q and the stashed X_fp of the same samples;
+
+then compresses the subgraph and propagates the quantized stream through it, logging
+the drift (mean squared difference between the two streams' subgraph outputs).
+
+Cost: one extra forward pass per subgraph compared with upstream's sequential pipeline
+(three instead of two) and a second activation cache of the same size, offloaded like
+the first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from compressed_tensors.offload import disable_offloading, set_onload_device
+from llmcompressor.core import LifecycleCallbacks, active_session
+from llmcompressor.modifiers.utils.hooks import HooksMixin
+from llmcompressor.pipelines.cache import IntermediatesCache
+from llmcompressor.pipelines.registry import CalibrationPipeline
+from llmcompressor.pipelines.sequential.helpers import handle_sequential_oom, trace_subgraphs
+from llmcompressor.utils.dev import get_main_device
+from llmcompressor.utils.helpers import DisableQuantization, calibration_forward_context
+from llmcompressor.utils.pytorch.module import infer_sequential_targets
+from loguru import logger
+from tqdm import tqdm
+
+from rescomp_modifiers.modifiers import CompensationModifier, FullPrecisionStream
+
+__all__ = ["DualStreamPipeline", "DriftRecord", "last_drift", "install_pipeline_inference"]
+
+PIPELINE_NAME = "dual_stream"
+
+
+@dataclass
+class DriftRecord:
+    """Mean squared difference between the quantized and FP streams per subgraph."""
+
+    subgraph: int
+    mse: float
+
+
+_LAST_DRIFT: list[DriftRecord] = []
+
+
+def last_drift() -> list[DriftRecord]:
+    """Per-subgraph drift of the most recent dual-stream calibration run."""
+    return list(_LAST_DRIFT)
+
+
+def _dual_stream_modifiers(modifiers) -> list[CompensationModifier]:
+    return [
+        m
+        for m in modifiers
+        if isinstance(m, CompensationModifier) and m.needs_full_precision_stream
+    ]
+
+
+def _output_drift(quantized: dict, full_precision: dict) -> tuple[float, int]:
+    total, count = 0.0, 0
+    for name, value in quantized.items():
+        other = full_precision.get(name)
+        if isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor) and (
+            value.is_floating_point() and value.shape == other.shape
+        ):
+            diff = value.float() - other.to(value.device).float()
+            total += float(diff.square().sum())
+            count += diff.numel()
+    return total, count
+
+
+@CalibrationPipeline.register(PIPELINE_NAME)
+class DualStreamPipeline(CalibrationPipeline):
+    @staticmethod
+    @handle_sequential_oom
+    def __call__(model: torch.nn.Module, dataloader, dataset_args):
+        """Calibrate ``model`` subgraph by subgraph with a quantized and an FP stream."""
+        session = active_session()
+        modifiers = session.lifecycle.recipe.modifiers
+        if len(dataloader) == 0:
+            raise ValueError(
+                "The calibration dataset is empty: pass a dataset with at least one "
+                "sample (check `num_calibration_samples` and the dataset split)."
+            )
+        if not dataset_args.propagate_error:
+            raise ValueError(
+                "The dual-stream pipeline always propagates the quantized stream; "
+                "propagate_error=False would make both streams full precision."
+            )
+
+        onload_device = get_main_device()
+        offload_device = torch.device(dataset_args.sequential_offload_device)
+        set_onload_device(model, onload_device)
+
+        sequential_targets = infer_sequential_targets(model, dataset_args.sequential_targets)
+        subgraphs = trace_subgraphs(
+            model,
+            next(iter(dataloader)),
+            sequential_targets,
+            dataset_args.tracing_ignore,
+            dataset_args.sequential_targets_per_subgraph,
+        )
+        num_subgraphs = len(subgraphs)
+
+        stream = FullPrecisionStream()
+        dual = _dual_stream_modifiers(modifiers)
+        for modifier in dual:
+            modifier.attach_full_precision_stream(stream)
+        _LAST_DRIFT.clear()
+
+        try:
+            LifecycleCallbacks.calibration_start()
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(calibration_forward_context(model))
+                stack.enter_context(DisableQuantization(model))
+                activations = IntermediatesCache.from_dataloader(
+                    dataloader, onload_device, offload_device
+                )
+                # A copy of the first cache, not a second pass over the loader (which
+                # may shuffle again): both streams must see the same samples in order.
+                fp_activations = IntermediatesCache(
+                    [dict(batch) for batch in activations.batch_intermediates],
+                    offload_device,
+                )
+                session.state.loss_masks = None
+                num_batches = len(dataloader)
+
+                for index, subgraph in enumerate(subgraphs):
+                    last = index == num_subgraphs - 1
+                    desc = f"({index + 1}/{num_subgraphs})"
+                    with disable_offloading():
+                        for batch_idx in tqdm(range(num_batches), desc=f"{desc}: Calibrating"):
+                            session.state.current_batch_idx = batch_idx
+                            fp_inputs = fp_activations.fetch(batch_idx, subgraph.input_names)
+                            with HooksMixin.disable_hooks(), stream.capturing():
+                                fp_outputs = subgraph.forward(model, **fp_inputs)
+                            del fp_inputs
+                            subgraph.forward(
+                                model, **activations.fetch(batch_idx, subgraph.input_names)
+                            )
+                            stream.assert_consumed()
+                            if not last:
+                                fp_activations.update(batch_idx, fp_outputs)
+                                fp_activations.delete(batch_idx, subgraph.consumed_names)
+                            del fp_outputs
+
+                        LifecycleCallbacks.sequential_epoch_end(subgraph.submodules(model))
+
+                        total, count = 0.0, 0
+                        with HooksMixin.disable_hooks():
+                            for batch_idx in tqdm(range(num_batches), desc=f"{desc}: Propagating"):
+                                outputs = subgraph.forward(
+                                    model, **activations.fetch(batch_idx, subgraph.input_names)
+                                )
+                                if last:
+                                    continue
+                                reference = fp_activations.fetch(batch_idx, list(outputs))
+                                batch_total, batch_count = _output_drift(outputs, reference)
+                                total, count = total + batch_total, count + batch_count
+                                activations.update(batch_idx, outputs)
+                                activations.delete(batch_idx, subgraph.consumed_names)
+                        if count:
+                            record = DriftRecord(index, total / count)
+                            _LAST_DRIFT.append(record)
+                            logger.info(
+                                f"Subgraph {index + 1}/{num_subgraphs}: drift between "
+                                f"quantized and full-precision outputs (MSE) {record.mse:.3e}"
+                            )
+
+                LifecycleCallbacks.calibration_end()
+        finally:
+            stream.close()
+            for modifier in dual:
+                modifier.attach_full_precision_stream(None)
+
+
+_original_infer_pipeline = CalibrationPipeline._infer_pipeline
+
+
+def _infer_pipeline(modifiers) -> str:
+    """Pick the dual-stream pipeline whenever a modifier needs the FP stream."""
+    if _dual_stream_modifiers(modifiers):
+        return PIPELINE_NAME
+    return _original_infer_pipeline(modifiers)
+
+
+def install_pipeline_inference() -> None:
+    """Make ``oneshot`` choose the dual-stream pipeline by itself (idempotent).
+
+    ``CalibrationPipeline.from_modifiers`` asks ``_infer_pipeline`` for every modifier
+    under the default ``independent`` pipeline, so a recipe with SmoothQuant or AWQ
+    before CAE runs those in upstream's sequential pipeline and CAE in ours.
+    """
+    if CalibrationPipeline._infer_pipeline is not _infer_pipeline:
+        CalibrationPipeline._infer_pipeline = staticmethod(_infer_pipeline)
