@@ -293,7 +293,9 @@ def _validate(weights, hessians, asymmetry, original_weights, quant_args, terms)
         )
     if quant_args.strategy not in SUPPORTED_STRATEGIES:
         raise ValueError(
-            f"Quantization strategy {quant_args.strategy.value!r} is not supported by "
+            # QuantizationArgs stores the strategy as a plain string (use_enum_values)
+            f"Quantization strategy {QuantizationStrategy(quant_args.strategy).value!r} "
+            "is not supported by "
             f"the compensation solver; use one of "
             f"{[s.value for s in SUPPORTED_STRATEGIES]}."
         )
@@ -453,6 +455,7 @@ def compensate_weight(
     quantized_lazy = terms.lazy_update == LazyUpdate.QUANTIZED
     lazy_differs = (clamp_lazy or quantized_lazy) and (P is not None or cae != 0.0)
     dynamic = None if static else _DynamicGroups(g_idx, quant_args, scale, zero_point)
+    pull = first_order * (~used_rtn_fallback).to(W.dtype).unsqueeze(-1)  # [batch, 1]
 
     for i1 in range(0, num_columns, blocksize):
         i2 = min(i1 + blocksize, num_columns)
@@ -514,12 +517,13 @@ def compensate_weight(
 
             if driver_in_loop:
                 drive = (asym - cae) * w
-                if not static:
+                # W0_1 is None without CAE/FOEM (e.g. GPTAQ with dynamic groups)
+                if not static and cae != 0.0:
                     drive = drive + cae * W0_1[:, :, i]
                 lazy_drive = drive
                 if lazy_differs:
                     lazy_drive = (asym - cae) * lazy_value
-                    if not static:
+                    if not static and cae != 0.0:
                         lazy_drive = lazy_drive + cae * W0_1[:, :, i]
                 Drive1[:, :, i] = lazy_drive
                 # one fused rank-2 update: W[:, c+1:] -= e U[c, c+1:] - v P[c, c+1:]
@@ -530,7 +534,8 @@ def compensate_weight(
                 W1[:, :, i + 1:] -= error.unsqueeze(-1) * Hinv1[:, i, i + 1:].unsqueeze(1)
 
             if terms.first_order_next_column_pull and i + 1 < count:
-                W1[:, :, i + 1] -= first_order * (W1[:, :, i + 1] - W0_1[:, :, i + 1])
+                # no pull for round-to-nearest fallback items: no compensation terms
+                W1[:, :, i + 1] -= pull * (W1[:, :, i + 1] - W0_1[:, :, i + 1])
 
         W[:, :, i1:i2] = Q1
         losses += torch.sum(losses1, 2) / 2
