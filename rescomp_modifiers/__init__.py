@@ -9,6 +9,7 @@ harmless.
 
 from llmcompressor.modifiers.factory import ModifierFactory
 
+from rescomp_modifiers.checkpoint import register_yaml_enums
 from rescomp_modifiers.compensation import (
     CompensationTerms,
     GroupScales,
@@ -35,3 +36,4 @@ __all__ = [
 for _modifier in (GPTAQModifier, CAEModifier, FOEMModifier):
     ModifierFactory.register(_modifier.__name__, _modifier)
 install_pipeline_inference()
+register_yaml_enums()

@@ -15,22 +15,26 @@ from typing import ClassVar, Literal
 
 import torch
 import transformers
-from compressed_tensors.distributed import wait_for_comms
+from compressed_tensors.distributed import greedy_bin_packing, wait_for_comms
+from compressed_tensors.offload.dist_utils import is_distributed
 from compressed_tensors.offload import disable_offloading
 from compressed_tensors.utils import get_execution_device, getattr_chain
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers.gptq import GPTQModifier
+from llmcompressor.modifiers.gptq.base import _GPTQ_Q_PARAMS
 from llmcompressor.modifiers.gptq.helpers import (
     GPTQ_PRECISION,
     assign_batches,
     prepare_batch,
     update_batch_qparams,
 )
+from llmcompressor.utils.dist import broadcast_qparams_and_cleanup
 from llmcompressor.utils.metric_logging import CompressionLogger
 from loguru import logger
 from pydantic import PrivateAttr
 from torch import distributed as dist
 
+from rescomp_modifiers.checkpoint import make_save_atomic
 from rescomp_modifiers.compensation import (
     CompensationTerms,
     GroupScales,
@@ -211,6 +215,24 @@ class CompensationModifier(GPTQModifier):
                 )
                 self._num_compressed_modules += len(batch)
 
+    def compress_modules(self):
+        if not is_distributed():
+            return super().compress_modules()
+        # Upstream's distributed branch, except that the results are broadcast also for
+        # modules that execute on the CPU: upstream skips those assuming shared-memory
+        # offloading, but plain CPU ranks (gloo) hold private copies, and a rank that
+        # did not compress a module would go on with its full-precision weights.
+        module_list, rank_to_modules, module_to_rank = greedy_bin_packing(
+            list(self._hessians.keys()),
+            dist.get_world_size(),
+            item_weight_fn=lambda module: self._hessians[module].shape[0],
+        )
+        self._reduce_hessian_to_target_rank(module_list, module_to_rank)
+        self.compress_module_list(rank_to_modules[dist.get_rank()])
+        broadcast_qparams_and_cleanup(
+            module_list, module_to_rank, _GPTQ_Q_PARAMS, skip_cpu=False
+        )
+
     def _reduce_hessian_to_target_rank(self, module_list, module_to_rank):
         # D is summed over ranks exactly like H, before upstream drops non-target copies.
         if self.needs_full_precision_stream:
@@ -231,6 +253,7 @@ class CompensationModifier(GPTQModifier):
     def on_finalize(self, state: State, **kwargs) -> bool:
         result = super().on_finalize(state, **kwargs)
         self._asymmetry = dict()
+        make_save_atomic(state.model)
         return result
 
 

@@ -157,7 +157,6 @@ class DualStreamPipeline(CalibrationPipeline):
                             del fp_outputs
 
                         LifecycleCallbacks.sequential_epoch_end(subgraph.submodules(model))
-
                         total, count = 0.0, 0
                         with HooksMixin.disable_hooks():
                             for batch_idx in tqdm(range(num_batches), desc=f"{desc}: Propagating"):

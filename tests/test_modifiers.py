@@ -1,0 +1,296 @@
+"""The modifiers inside llm-compressor's oneshot, on tiny random models (CPU)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from llmcompressor import oneshot
+from llmcompressor.modifiers.gptq import GPTQModifier
+from transformers import AutoModelForCausalLM
+
+import rescomp_modifiers
+import rescomp_modifiers.modifiers as modifiers_module
+from rescomp_modifiers import CAEModifier, FOEMModifier, GPTAQModifier
+from rescomp_modifiers.modifiers import MissingFullPrecisionStream
+
+from conftest import calibration_dataset, make_model, make_tokenizer
+
+GROUP32 = {
+    "group_0": {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                    "strategy": "group", "group_size": 32},
+    }
+}
+IGNORE = ["lm_head", "re:.*mlp.gate$"]  # MoE router stays dense
+
+
+def run_oneshot(model_dir, recipe, **kwargs):
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    oneshot(
+        model=model, dataset=kwargs.pop("dataset", calibration_dataset()), recipe=recipe,
+        max_seq_length=32, num_calibration_samples=8, **kwargs,
+    )
+    return model
+
+
+@pytest.fixture
+def solver_calls(monkeypatch):
+    """Record what each module handed to the solver."""
+    calls = {}
+    original = modifiers_module.compensate_weight
+
+    def recording(*args, **kwargs):
+        for index, name in enumerate(kwargs["module_names"]):
+            asymmetry = kwargs.get("asymmetry")
+            calls[name] = None if asymmetry is None else asymmetry[index].clone()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(modifiers_module, "compensate_weight", recording)
+    return calls
+
+
+def targeted_linear_names(model):
+    return {
+        name for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name != "lm_head"
+        and not name.endswith("mlp.gate")
+    }
+
+
+YAML_RECIPE = """
+quant_stage:
+  quant_modifiers:
+    {name}:
+      ignore: {ignore}
+      config_groups:
+        group_0:
+          targets: [Linear]
+          weights: {{num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 32}}
+{extra}
+"""
+
+
+@pytest.mark.parametrize(
+    "name, extra",
+    [("GPTAQModifier", ""), ("CAEModifier", ""),
+     ("FOEMModifier", "      use_asymmetric_statistics: true")],
+)
+def test_yaml_recipe_sees_both_streams(tiny_model_dir, solver_calls, name, extra):
+    recipe = YAML_RECIPE.format(name=name, ignore=json.dumps(IGNORE), extra=extra)
+    model = run_oneshot(tiny_model_dir, recipe)
+    assert set(solver_calls) == targeted_linear_names(model)
+    # layer 0 sees the embedding output in both streams: D is exactly zero there
+    for module in ("q_proj", "k_proj", "v_proj"):
+        assert torch.count_nonzero(solver_calls[f"model.layers.0.self_attn.{module}"]) == 0
+    # after layer 0 is quantized the streams differ
+    for module in ("q_proj", "o_proj", "gate_proj", "down_proj"):
+        d = solver_calls[f"model.layers.1.{'self_attn' if module in ('q_proj', 'o_proj') else 'mlp'}.{module}"]
+        assert d.abs().max() > 0
+    drift = rescomp_modifiers.last_drift()
+    assert drift and drift[-1].mse > 0
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["qwen3", "qwen3_moe"], indirect=True)
+def test_python_recipe_on_qwen3_and_moe(tiny_model_dir, solver_calls, tmp_path):
+    model = run_oneshot(tiny_model_dir, [CAEModifier(ignore=IGNORE, config_groups=GROUP32)])
+    assert set(solver_calls) == targeted_linear_names(model)
+    assert all(d is not None for d in solver_calls.values())
+    later = [d for name, d in solver_calls.items() if ".layers.1." in name]
+    assert later and all(d.abs().max() > 0 for d in later)
+    _check_reload(model, tiny_model_dir, tmp_path)
+
+
+def _check_reload(model, model_dir, tmp_path):
+    ids = torch.randint(4, 90, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits
+    out = tmp_path / "checkpoint"
+    model.save_pretrained(out, save_compressed=True)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized"
+    weights = config["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (4, 32, True)
+    assert set(IGNORE) <= set(config["ignore"]) or "lm_head" in config["ignore"]
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert "CAEModifier" in json.dumps(recipe)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        actual = reloaded(ids).logits
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_gptaq_with_zero_coefficient_is_stock_gptq(tiny_model_dir):
+    """Same data, same order: the dual-stream pipeline feeds upstream's quantized stream."""
+    ours = run_oneshot(
+        tiny_model_dir,
+        [GPTAQModifier(ignore=IGNORE, config_groups=GROUP32, asymmetric_coefficient=0.0)],
+        shuffle_calibration_samples=False,
+    )
+    stock = run_oneshot(
+        tiny_model_dir, [GPTQModifier(ignore=IGNORE, config_groups=GROUP32)],
+        shuffle_calibration_samples=False,
+    )
+    ours_state, stock_state = ours.state_dict(), stock.state_dict()
+    assert ours_state.keys() == stock_state.keys()
+    for key in stock_state:
+        assert torch.equal(ours_state[key], stock_state[key]), key
+
+
+def test_smoothquant_then_cae(tiny_model_dir, solver_calls):
+    from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+    model = run_oneshot(
+        tiny_model_dir,
+        [SmoothQuantModifier(smoothing_strength=0.5),
+         CAEModifier(ignore=IGNORE, config_groups=GROUP32)],
+    )
+    # smoothing rescaled the norms (they start at exactly one) ...
+    norm = model.model.layers[0].input_layernorm.weight
+    assert not torch.allclose(norm, torch.ones_like(norm))
+    # ... and CAE quantized every Linear on both streams
+    assert set(solver_calls) == targeted_linear_names(model)
+    assert solver_calls["model.layers.1.self_attn.q_proj"].abs().max() > 0
+
+
+def test_rotation_then_cae(tiny_model_dir, solver_calls):
+    from llmcompressor.modifiers.transform.quip import QuIPModifier
+
+    model = run_oneshot(
+        tiny_model_dir,
+        [QuIPModifier(rotations=["v"], transform_type="hadamard"),
+         CAEModifier(ignore=IGNORE, config_groups=GROUP32)],
+    )
+    assert set(solver_calls) == targeted_linear_names(model)
+    assert solver_calls["model.layers.1.mlp.up_proj"].abs().max() > 0
+
+
+def test_true_sequential_targets(tiny_model_dir, solver_calls):
+    model = run_oneshot(
+        tiny_model_dir, [CAEModifier(ignore=IGNORE, config_groups=GROUP32)],
+        sequential_targets=["Linear"],
+    )
+    assert set(solver_calls) == targeted_linear_names(model)
+    # with one Linear per step, o_proj of layer 0 already sees quantized v_proj output
+    assert solver_calls["model.layers.0.self_attn.o_proj"].abs().max() > 0
+
+
+def test_gptq_statistics_and_plain_foem_use_no_fp_stream(tiny_model_dir, solver_calls):
+    model = run_oneshot(
+        tiny_model_dir,
+        [CAEModifier(ignore=IGNORE, config_groups=GROUP32, statistics="gptq")],
+        pipeline="sequential",
+    )
+    assert set(solver_calls) == targeted_linear_names(model)
+    assert all(d is None for d in solver_calls.values())
+
+
+# -- bad input: fail early with a clear message and write nothing ------------------------
+
+
+def test_forced_upstream_pipeline_fails(tiny_model_dir, tmp_path):
+    with pytest.raises(MissingFullPrecisionStream, match="dual_stream"):
+        run_oneshot(
+            tiny_model_dir, [CAEModifier(ignore=IGNORE, config_groups=GROUP32)],
+            pipeline="sequential", output_dir=str(tmp_path / "out"),
+        )
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_group_size_not_dividing(tiny_model_dir, tmp_path):
+    groups = {"group_0": {**GROUP32["group_0"]}}
+    groups["group_0"]["weights"] = {**groups["group_0"]["weights"], "group_size": 48}
+    with pytest.raises(ValueError, match="group_size 48|divisib|divide"):
+        run_oneshot(tiny_model_dir, [CAEModifier(ignore=IGNORE, config_groups=groups)],
+                    output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+@pytest.mark.parametrize(
+    "shuffle, message",
+    # upstream's shuffling sampler refuses first; without shuffling our pipeline does
+    [(True, "num_samples=0"), (False, "calibration dataset is empty")],
+)
+def test_empty_dataset(tiny_model_dir, tmp_path, shuffle, message):
+    from datasets import Dataset
+
+    empty = Dataset.from_dict({"input_ids": [], "attention_mask": []})
+    with pytest.raises(ValueError, match=message):
+        run_oneshot(tiny_model_dir, [CAEModifier(ignore=IGNORE, config_groups=GROUP32)],
+                    dataset=empty, shuffle_calibration_samples=shuffle,
+                    output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_no_targetable_layers(tiny_model_dir):
+    groups = {"group_0": {**GROUP32["group_0"], "targets": ["re:does_not_exist.*"]}}
+    with pytest.raises(ValueError, match="unable to find any modules|no .*modules|match"):
+        run_oneshot(tiny_model_dir, [CAEModifier(config_groups=groups)])
+
+
+def test_nan_activations(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        oneshot(model=model, dataset=calibration_dataset(),
+                recipe=[CAEModifier(ignore=IGNORE, config_groups=GROUP32)],
+                max_seq_length=32, num_calibration_samples=8)
+
+
+# -- distributed -----------------------------------------------------------------------
+
+DDP_SCRIPT = """
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+if os.environ.get("WORLD_SIZE", "1") != "1":
+    dist.init_process_group("gloo")
+from conftest import calibration_dataset
+from llmcompressor import oneshot
+from transformers import AutoModelForCausalLM
+import rescomp_modifiers
+from rescomp_modifiers import CAEModifier
+model = AutoModelForCausalLM.from_pretrained({model!r})
+dataset = calibration_dataset(num_samples=8)
+if dist.is_initialized():
+    # each rank takes its own half, as llm-compressor's get_rank_partition does for
+    # hub splits (its automatic partitioning keys on a fingerprint that differs
+    # between processes for in-memory datasets)
+    half = len(dataset) // 2
+    dataset = dataset.select(range(dist.get_rank() * half, (dist.get_rank() + 1) * half))
+oneshot(model=model, dataset=dataset, max_seq_length=32,
+        num_calibration_samples=len(dataset), shuffle_calibration_samples=False,
+        recipe=[CAEModifier(ignore={ignore!r}, config_groups={groups!r})])
+if not dist.is_initialized() or dist.get_rank() == 0:
+    torch.save({{k: v.clone() for k, v in model.state_dict().items()}}, {out!r})
+if dist.is_initialized():
+    dist.barrier(); dist.destroy_process_group()
+"""
+
+
+def _run_ddp(model_dir, out, nproc):
+    script = out.with_suffix(".py")
+    script.write_text(DDP_SCRIPT.format(
+        tests=str(Path(__file__).parent), model=str(model_dir), ignore=IGNORE,
+        groups=GROUP32, out=str(out)))
+    command = [sys.executable, str(script)]
+    if nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                   str(nproc), "--master-port", "29531", str(script)]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    return torch.load(out)
+
+
+def test_ddp_two_ranks_equals_one_process(tiny_model_dir, tmp_path):
+    single = _run_ddp(tiny_model_dir, tmp_path / "single.pt", 1)
+    double = _run_ddp(tiny_model_dir, tmp_path / "double.pt", 2)
+    # H and D are summed over ranks and every rank ends with every compressed module
+    # (layer 1's D is non-zero, so its reduction is exercised): same checkpoint, exactly
+    assert single.keys() == double.keys()
+    for key, value in single.items():
+        assert torch.equal(value, double[key]), key
