@@ -1,0 +1,94 @@
+"""Writes the recipe files in this folder (one per method and scheme).
+
+Run `python recipes/generate.py` after changing a setting here; the test suite checks
+that the committed files match and parse in llm-compressor.
+"""
+
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+METHODS = {
+    "gptaq": ("GPTAQModifier", "GPTAQ: asymmetric calibration against the FP model's outputs", {}),
+    "gptaq_cae": ("CAEModifier", "GPTAQ + CAE (the CAE paper's Algorithm 1)", {"statistics": "gptaq"}),
+    "gptq_cae": ("CAEModifier", "GPTQ + CAE (Algorithm 2; no full-precision stream needed)", {"statistics": "gptq"}),
+    "foem": ("FOEMModifier", "FOEM: first-order error compensation", {}),
+}
+
+# name: (comment, weights args, group sizes: (default, small-model variant))
+SCHEMES = {
+    "w3a16": ("3-bit, group 128, symmetric, activation order: the papers' main table",
+              {"num_bits": 3, "symmetric": True, "strategy": "group"}, (128, 64)),
+    "w4a16": ("4-bit, group 128, symmetric: served by vLLM (CPU and GPU kernels)",
+              {"num_bits": 4, "symmetric": True, "strategy": "group"}, (128, 64)),
+    "w4a16_asym": ("4-bit, group 128, with zero point: served by vLLM",
+                   {"num_bits": 4, "symmetric": False, "strategy": "group"}, (128, 64)),
+    "w8a16": ("8-bit, per output channel, symmetric",
+              {"num_bits": 8, "symmetric": True, "strategy": "channel"}, (None, None)),
+    "w2a16": ("2-bit, group 128, with zero point (symmetric int2 keeps only 4 levels "
+              "around zero); the released CAE code switches to its 'org' update here",
+              {"num_bits": 2, "symmetric": False, "strategy": "group"}, (128, 64)),
+}
+
+TEMPLATE = """\
+# {method_comment}
+# Scheme: {scheme_comment}.
+# Defaults (semantics: released) reproduce the published tables; set
+# `semantics: paper` for the papers' equations (all coefficients 1).
+# Use with: oneshot(model=..., dataset=..., recipe="{path}")
+quant_stage:
+  quant_modifiers:
+    {modifier}:
+      ignore: [lm_head]
+      actorder: static
+      dampening_frac: 0.01
+      block_size: 128
+      semantics: released
+{extra}      config_groups:
+        group_0:
+          targets: [Linear]
+          weights:
+            type: int
+{weights}"""
+
+
+def render(method: str, scheme: str, group_size: int | None, path: str) -> str:
+    modifier, method_comment, extra = METHODS[method]
+    scheme_comment, weights, _ = SCHEMES[scheme]
+    weights = dict(weights)
+    if group_size is not None:
+        weights["group_size"] = group_size
+        scheme_comment = scheme_comment.replace("group 128", f"group {group_size}")
+    if group_size == 64:
+        scheme_comment += " (small-model variant: 576-wide models such as SmolLM2-135M)"
+    lines = "".join(
+        f"            {key}: {str(value).lower() if isinstance(value, bool) else value}\n"
+        for key, value in weights.items()
+    )
+    extra_lines = "".join(f"      {key}: {value}\n" for key, value in extra.items())
+    return TEMPLATE.format(
+        method_comment=method_comment, scheme_comment=scheme_comment, modifier=modifier,
+        extra=extra_lines, weights=lines, path=path,
+    )
+
+
+def recipes() -> dict[str, str]:
+    """Relative path -> file text for every recipe."""
+    out = {}
+    for method in METHODS:
+        for scheme, (_, _, (group, small_group)) in SCHEMES.items():
+            variants = [(scheme, group)]
+            if small_group is not None:
+                variants.append((f"{scheme}_g{small_group}", small_group))
+            for name, group_size in variants:
+                path = f"recipes/{method}/{name}.yaml"
+                out[path] = render(method, scheme, group_size, path)
+    return out
+
+
+if __name__ == "__main__":
+    for relative, text in recipes().items():
+        target = HERE.parent / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        print(target)
