@@ -34,9 +34,10 @@ multiple of GPTQ's own update row and folds into the error. Writing ``R = P + S`
 
 so every combination is a rank-2 update with a single extra matrix ``P`` (absent with
 plain GPTQ statistics, ``D = 0``). The ``b * w0`` part of the driver does not depend on
-the loop at all: with scales fixed before the loop it is applied once per layer as
-``W += b * W0 @ P`` (``P`` is strictly upper triangular, so column ``j`` receives
-exactly the contributions of the columns before it). With equal coefficients
+the loop at all: with scales fixed before the loop it is applied as ``W += b * W0 @ P``
+one block of rows of ``P`` at a time, when that block starts (``P`` is strictly upper
+triangular, so column ``j`` receives exactly the contributions of the columns before
+it, all of them before ``j`` is quantized). With equal coefficients
 (``a == b``, the papers' and the released code's CAE setting) the loop is then the
 plain GPTQ loop with a modified error.
 
@@ -81,7 +82,7 @@ __all__ = [
     "CompensationTerms",
     "CompensationResult",
     "compensate_weight",
-    "asymmetric_projection",
+    "projection_rows",
 ]
 
 SUPPORTED_STRATEGIES = (
@@ -241,15 +242,19 @@ class CompensationResult:
     zero_point: torch.Tensor
 
 
-def asymmetric_projection(asymmetry: torch.Tensor, hinv_factor: torch.Tensor) -> torch.Tensor:
-    """``P = triu(D U^T, 1) U``: the asymmetric residual projected onto later columns.
+def projection_rows(asymmetry: torch.Tensor, hinv_factor: torch.Tensor, i1: int, i2: int) -> torch.Tensor:
+    """Rows ``i1:i2`` of ``P = triu(D U^T, 1) U``, columns ``i1:`` (left of them is 0).
 
-    Row ``c`` of ``P`` equals ``D[c, c+1:] (H_{c+1:})^-1`` for the damped trailing
-    block of H, i.e. the least-squares coefficients that re-express column ``c``'s
-    input difference through the later columns' quantized-flow inputs.
+    Row ``c`` of ``P`` equals ``D[c, c+1:] (H_{c+1:})^-1`` for the damped trailing block
+    of H: the least-squares coefficients that re-express column ``c``'s input difference
+    through the later columns' quantized-flow inputs. ``U`` is upper triangular, so
+    ``(D U^T)[c, k]`` for ``k > c >= i1`` needs only ``D[c, i1:]`` and ``U[i1:, i1:]``;
+    computing P a block of rows at a time this way costs ``2n^3/3`` instead of ``2n^3``
+    and never holds the whole ``n x n`` matrix.
     """
-    projection = torch.matmul(asymmetry, hinv_factor.transpose(-1, -2)).triu_(1)
-    return torch.matmul(projection, hinv_factor)
+    trailing = hinv_factor[:, i1:, i1:]
+    rows = torch.bmm(asymmetry[:, i1:i2, i1:], trailing.transpose(-1, -2)).triu_(1)
+    return torch.bmm(rows, trailing)
 
 
 def _validate(weights, hessians, asymmetry, original_weights, quant_args, terms):
@@ -427,21 +432,18 @@ def compensate_weight(
     asym = terms.asymmetric_coefficient if D is not None else 0.0
     cae = terms.compensation_aware_coefficient
     first_order = terms.first_order_coefficient
-    P = None
-    if D is not None and (asym != 0.0 or cae != 0.0):
+    has_projection = D is not None and (asym != 0.0 or cae != 0.0)
+    if has_projection:
         # A failed factorization means round-to-nearest: no projected terms at all.
         D = D.masked_fill(used_rtn_fallback.view(-1, 1, 1), 0)
-        P = asymmetric_projection(D, Hinv)
-        del D
 
     static = terms.group_scales == GroupScales.STATIC
-    # v = (a - b) w + b w0: the b*w0 part is loop-independent; apply it once up front
-    # when the scales do not depend on the latent weights.
-    driver_in_loop = P is not None and (asym != cae or not static)
-    if P is not None and cae != 0.0 and static:
-        W += cae * torch.bmm(W0, P)
+    # v = (a - b) w + b w0: the b*w0 part does not depend on the loop. With scales fixed
+    # before the loop it is added to all later columns when its block starts.
+    driver_in_loop = has_projection and (asym != cae or not static)
+    w0_ahead = has_projection and cae != 0.0 and static
 
-    if terms.is_plain_gptq(P is not None):
+    if terms.is_plain_gptq(has_projection):
         return _finish(
             _upstream_loop(W, Hinv, scale, zero_point, global_scale, g_idx, quant_args,
                            blocksize, losses),
@@ -453,13 +455,16 @@ def compensate_weight(
     q_min, q_max = calculate_range(quant_args, device)
     clamp_lazy = terms.lazy_update == LazyUpdate.CLAMPED_LATENT
     quantized_lazy = terms.lazy_update == LazyUpdate.QUANTIZED
-    lazy_differs = (clamp_lazy or quantized_lazy) and (P is not None or cae != 0.0)
+    lazy_differs = (clamp_lazy or quantized_lazy) and (has_projection or cae != 0.0)
     dynamic = None if static else _DynamicGroups(g_idx, quant_args, scale, zero_point)
     pull = first_order * (~used_rtn_fallback).to(W.dtype).unsqueeze(-1)  # [batch, 1]
 
     for i1 in range(0, num_columns, blocksize):
         i2 = min(i1 + blocksize, num_columns)
         count = i2 - i1
+        P_rows = projection_rows(D, Hinv, i1, i2) if has_projection else None
+        if w0_ahead:
+            W[:, :, i1:] += cae * torch.bmm(W0[:, :, i1:i2], P_rows)
         W1 = W[:, :, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)  # in-block error e
@@ -467,7 +472,7 @@ def compensate_weight(
         Drive1 = torch.zeros_like(W1) if driver_in_loop else None  # lazy driver v
         losses1 = torch.zeros_like(W1)
         Hinv1 = Hinv[:, i1:i2, i1:i2]
-        P1 = P[:, i1:i2, i1:i2] if driver_in_loop else None
+        P1 = P_rows[:, :, :count] if driver_in_loop else None
         W0_1 = W0[:, :, i1:i2] if W0 is not None else None
 
         eff, zp = column_scale_window(
@@ -476,7 +481,7 @@ def compensate_weight(
         for i in range(count):
             if dynamic is not None and dynamic.starts_group(i1 + i):
                 latent = _latent_snapshot(
-                    W, W1, i1, i, Hinv, P, LazyErr1, Drive1, driver_in_loop
+                    W, W1, i1, i, Hinv, P_rows, LazyErr1, Drive1, driver_in_loop
                 )
                 dynamic.compute(i1 + i, latent)
                 eff, zp = column_scale_window(
@@ -543,7 +548,7 @@ def compensate_weight(
             if driver_in_loop:
                 # one fused matmul over [E | -V] and [U; P] for the between-block update
                 left = torch.cat((LazyErr1, -Drive1), dim=-1)
-                right = torch.cat((Hinv[:, i1:i2, i2:], P[:, i1:i2, i2:]), dim=-2)
+                right = torch.cat((Hinv[:, i1:i2, i2:], P_rows[:, :, count:]), dim=-2)
                 W[:, :, i2:] -= torch.bmm(left, right)
             else:
                 W[:, :, i2:] -= torch.bmm(LazyErr1, Hinv[:, i1:i2, i2:])
@@ -584,7 +589,7 @@ def _finish(W, perm, losses, used_rtn_fallback, scale, zero_point, final_dtype):
     )
 
 
-def _latent_snapshot(W, W1, i1, i, Hinv, P, LazyErr1, Drive1, driver_in_loop):
+def _latent_snapshot(W, W1, i1, i, Hinv, P_rows, LazyErr1, Drive1, driver_in_loop):
     """The exact latent weights of all columns from ``i1 + i`` on.
 
     In-block columns are current in ``W1``; later columns still miss the lazy update
@@ -593,7 +598,7 @@ def _latent_snapshot(W, W1, i1, i, Hinv, P, LazyErr1, Drive1, driver_in_loop):
     i2 = i1 + W1.shape[-1]
     later = W[:, :, i2:] - torch.bmm(LazyErr1[:, :, :i], Hinv[:, i1:i1 + i, i2:])
     if driver_in_loop:
-        later += torch.bmm(Drive1[:, :, :i], P[:, i1:i1 + i, i2:])
+        later += torch.bmm(Drive1[:, :, :i], P_rows[:, :i, W1.shape[-1]:])
     return torch.cat((W1[:, :, i:], later), dim=-1)
 
 
