@@ -61,7 +61,8 @@ def worker(args) -> None:
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     oneshot(model=model, dataset=dataset, recipe=[modifier], max_seq_length=args.seq_len,
-            num_calibration_samples=args.samples, shuffle_calibration_samples=False)
+            num_calibration_samples=args.samples, shuffle_calibration_samples=False,
+            sequential_targets=args.sequential_targets)
     wall = time.perf_counter() - start
     result = {
         "method": args.worker,
@@ -82,6 +83,8 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--sequential-targets", nargs="+", default=None,
+                        help='e.g. Linear for "true sequential" (default: decoder layers)')
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -92,6 +95,8 @@ def main() -> None:
                    "--bits", str(args.bits), "--group-size", str(args.group_size)]
     if args.model:
         passthrough += ["--model", args.model]
+    if args.sequential_targets:
+        passthrough += ["--sequential-targets", *args.sequential_targets]
     for round_index in range(args.rounds):
         order = args.methods if round_index % 2 == 0 else list(reversed(args.methods))
         for method in order:

@@ -47,13 +47,13 @@ class CompareConfig:
     symmetric: bool = True
     semantics: str = "released"
     calibration: str = "brown"  #: documents spec (see data.load_documents)
-    samples: int = 32
+    samples: int = 16
     seq_len: int = 512
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     evaluation: list[str] = field(default_factory=lambda: ["brown", "sotu"])
     eval_seq_len: int = 512
-    eval_windows: int = 40
-    drift_windows: int = 4
+    eval_windows: int = 8
+    drift_windows: int = 2
     bigbench: list[str] = field(default_factory=list)
     bigbench_limit: int | None = 200
     output: str = "outputs/compare"
