@@ -110,11 +110,16 @@ class CompensationModifier(GPTQModifier):
     def needs_full_precision_stream(self) -> bool:
         return False
 
+    def resolved_method(self) -> str:
+        """The :meth:`CompensationTerms.for_method` name for this configuration."""
+        return self.method
+
     def overrides(self) -> dict:
+        """Coefficients the user set (None keeps the semantics' default)."""
         return {}
 
     def compensation_terms(self, num_bits: int) -> CompensationTerms:
-        terms = CompensationTerms.for_method(self.method, self.semantics, num_bits)
+        terms = CompensationTerms.for_method(self.resolved_method(), self.semantics, num_bits)
         return terms.with_overrides(
             lazy_update=self.lazy_update, group_scales=self.group_scales, **self.overrides()
         )
@@ -331,15 +336,14 @@ class CAEModifier(CompensationModifier):
     def needs_full_precision_stream(self) -> bool:
         return self.statistics == "gptaq"
 
-    def compensation_terms(self, num_bits: int) -> CompensationTerms:
-        method = "cae" if self.statistics == "gptaq" else "gptq_cae"
-        terms = CompensationTerms.for_method(method, self.semantics, num_bits)
-        return terms.with_overrides(
-            lazy_update=self.lazy_update,
-            group_scales=self.group_scales,
-            asymmetric_coefficient=self.asymmetric_coefficient,
-            compensation_aware_coefficient=self.compensation_aware_coefficient,
-        )
+    def resolved_method(self) -> str:
+        return "cae" if self.statistics == "gptaq" else "gptq_cae"
+
+    def overrides(self) -> dict:
+        return {
+            "asymmetric_coefficient": self.asymmetric_coefficient,
+            "compensation_aware_coefficient": self.compensation_aware_coefficient,
+        }
 
 
 class FOEMModifier(CompensationModifier):
@@ -380,16 +384,15 @@ class FOEMModifier(CompensationModifier):
     def needs_full_precision_stream(self) -> bool:
         return self.use_asymmetric_statistics
 
-    def compensation_terms(self, num_bits: int) -> CompensationTerms:
-        method = "foem_gptaq" if self.use_asymmetric_statistics else "foem"
-        terms = CompensationTerms.for_method(method, self.semantics, num_bits)
-        return terms.with_overrides(
-            lazy_update=self.lazy_update,
-            group_scales=self.group_scales,
-            first_order_coefficient=self.first_order_coefficient,
-            first_order_next_column_pull=self.first_order_next_column_pull,
-            asymmetric_coefficient=self.asymmetric_coefficient,
-        )
+    def resolved_method(self) -> str:
+        return "foem_gptaq" if self.use_asymmetric_statistics else "foem"
+
+    def overrides(self) -> dict:
+        return {
+            "first_order_coefficient": self.first_order_coefficient,
+            "first_order_next_column_pull": self.first_order_next_column_pull,
+            "asymmetric_coefficient": self.asymmetric_coefficient,
+        }
 
 
 class FullPrecisionStream:

@@ -294,3 +294,22 @@ def test_ddp_two_ranks_equals_one_process(tiny_model_dir, tmp_path):
     assert single.keys() == double.keys()
     for key, value in single.items():
         assert torch.equal(value, double[key]), key
+
+
+def test_modifier_fields_resolve_to_solver_terms():
+    from rescomp_modifiers import LazyUpdate
+
+    cae3 = CAEModifier().compensation_terms(num_bits=3)
+    assert (cae3.asymmetric_coefficient, cae3.compensation_aware_coefficient) == (0.25, 0.25)
+    assert cae3.lazy_update == LazyUpdate.CLAMPED_LATENT
+    assert CAEModifier().compensation_terms(num_bits=2).lazy_update == LazyUpdate.QUANTIZED
+    algorithm2 = CAEModifier(statistics="gptq", semantics="paper").compensation_terms(3)
+    assert (algorithm2.asymmetric_coefficient, algorithm2.compensation_aware_coefficient) == (0.0, 1.0)
+    assert algorithm2.lazy_update == LazyUpdate.LATENT
+    assert not CAEModifier(statistics="gptq").needs_full_precision_stream
+    foem = FOEMModifier(first_order_coefficient=0.3).compensation_terms(4)
+    assert (foem.first_order_coefficient, foem.first_order_next_column_pull) == (0.3, True)
+    assert not FOEMModifier().needs_full_precision_stream
+    assert FOEMModifier(use_asymmetric_statistics=True).compensation_terms(4).asymmetric_coefficient == 0.25
+    gptaq = GPTAQModifier(asymmetric_coefficient=0.5, lazy_update="latent").compensation_terms(4)
+    assert (gptaq.asymmetric_coefficient, gptaq.lazy_update) == (0.5, LazyUpdate.LATENT)
