@@ -58,6 +58,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt-lens", type=int, nargs="+", default=[64, 512])
     parser.add_argument("--output-lens", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--max-windows", type=int, default=64,
+                        help="512-token held-out windows scored for perplexity")
     parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--calibration-len", type=int, default=512)
     args = parser.parse_args(argv)
@@ -78,7 +80,7 @@ def main(argv=None) -> None:
     held_out = [d.text for d in split_documents(brown_documents()).evaluation]
     args.out.mkdir(parents=True, exist_ok=True)
     results = serve_and_measure(checkpoints, logprob_texts=held_out, window=512,
-                                max_windows=64, throughput=configs,
+                                max_windows=args.max_windows, throughput=configs,
                                 log_file=args.out / "vllm_worker.log")
     models = results["models"]
 
