@@ -28,12 +28,13 @@ pytestmark = pytest.mark.integration
 GROUP_SIZE = 64
 CALIBRATION_SAMPLES, CALIBRATION_LEN = 32, 256
 # (prompt, word the answer must contain): greedy answers that dense, GPTQ and CAE W4A16
-# g64 all get right here. ("The largest planet ..." is not one: the dense model says
-# Jupiter, GPTQ Mercury and CAE Uranus; 4 bits cost a 135M model such facts.)
+# g64 gave right on checkpoints from two calibration runs. Facts a 4-bit 135M model
+# loses are left out: "The largest planet ..." (dense Jupiter, GPTQ Mercury, CAE Uranus)
+# and "The capital of Japan is" (CAE answered Tokyo in one run, "2023." in another).
 SANITY = [
     ("The capital of France is", "Paris"),
-    ("The capital of Japan is", "Tokyo"),
-    ("The capital of Italy is", "Rome"),
+    ("The capital of Germany is", "Berlin"),
+    ("The capital of the United Kingdom is", "London"),
 ]
 # CAE may be worse than GPTQ measured in the same run by at most this factor: the two
 # differ in one calibration-time term, and at 4 bits, group 64, their perplexities on the
