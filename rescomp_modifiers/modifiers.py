@@ -18,7 +18,7 @@ import transformers
 from compressed_tensors.distributed import greedy_bin_packing, wait_for_comms
 from compressed_tensors.offload.dist_utils import is_distributed
 from compressed_tensors.offload import disable_offloading
-from compressed_tensors.utils import get_execution_device, getattr_chain
+from compressed_tensors.utils import getattr_chain
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.gptq.base import _GPTQ_Q_PARAMS

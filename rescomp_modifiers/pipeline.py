@@ -22,7 +22,7 @@ the first.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from compressed_tensors.offload import disable_offloading, set_onload_device

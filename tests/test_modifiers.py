@@ -17,7 +17,7 @@ import rescomp_modifiers.modifiers as modifiers_module
 from rescomp_modifiers import CAEModifier, FOEMModifier, GPTAQModifier
 from rescomp_modifiers.modifiers import MissingFullPrecisionStream
 
-from conftest import calibration_dataset, make_model, make_tokenizer
+from conftest import calibration_dataset
 
 GROUP32 = {
     "group_0": {
