@@ -23,27 +23,13 @@ import time
 METHODS = ["gptq", "gptaq", "gptaq_cae", "gptq_cae", "foem"]
 
 
-def build_modifier(method: str, scheme: dict):
-    from llmcompressor.modifiers.gptq import GPTQModifier
-
-    from rescomp_modifiers import CAEModifier, FOEMModifier, GPTAQModifier
-
-    common = dict(ignore=["lm_head"], config_groups={"group_0": {"targets": ["Linear"], "weights": scheme}})
-    return {
-        "gptq": lambda: GPTQModifier(**common),
-        "gptaq": lambda: GPTAQModifier(**common),
-        "gptaq_cae": lambda: CAEModifier(**common),
-        "gptq_cae": lambda: CAEModifier(statistics="gptq", **common),
-        "foem": lambda: FOEMModifier(**common),
-    }[method]()
-
-
 def worker(args) -> None:
     import torch
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rescomp_modifiers.assets import brown_documents, resolve_model
+    from rescomp_modifiers.compare import CompareConfig, build_recipe
     from rescomp_modifiers.data import calibration_dataset
 
     torch.manual_seed(0)
@@ -52,15 +38,14 @@ def worker(args) -> None:
     # calibration_dataset keeps to the calibration side of the document split
     dataset = calibration_dataset(tokenizer, brown_documents(), args.samples, args.seq_len, seed=0)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    scheme = {"num_bits": args.bits, "type": "int", "symmetric": True,
-              "strategy": "group", "group_size": args.group_size}
-    modifier = build_modifier(args.worker, scheme)
+    # the same modifiers `rescomp compare` builds for these method names
+    recipe = build_recipe(args.worker, CompareConfig(bits=args.bits, group_size=args.group_size))
     if torch.cuda.is_available():
         model.cuda()
         torch.cuda.reset_peak_memory_stats()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    oneshot(model=model, dataset=dataset, recipe=[modifier], max_seq_length=args.seq_len,
+    oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=args.seq_len,
             num_calibration_samples=args.samples, shuffle_calibration_samples=False,
             sequential_targets=args.sequential_targets)
     wall = time.perf_counter() - start
