@@ -29,15 +29,22 @@ pytestmark = pytest.mark.integration
 
 GROUP_SIZE = 64
 CALIBRATION_SAMPLES, CALIBRATION_LEN = 32, 256
-# (prompt, word the answer must contain): greedy answers that dense, GPTQ and CAE W4A16
-# g64 gave right on checkpoints from two calibration runs. Facts a 4-bit 135M model
-# loses are left out: "The largest planet ..." (dense Jupiter, GPTQ Mercury, CAE Uranus)
-# and "The capital of Japan is" (CAE answered Tokyo in one run, "2023." in another).
+# (prompt, word the answer must contain): greedy answers the dense model gives right.
+# Quantized models are not held to greedy answers: a 4-bit 135M model's argmax flips on
+# small rounding differences between machines (CI's CAE checkpoint answered "The capital
+# of France is" with " the same as the capital of the United Kingdom."), so they are
+# held to the cloze test below instead, which asks for knowledge, not one token's luck.
 SANITY = [
     ("The capital of France is", "Paris"),
     ("The capital of Germany is", "Berlin"),
     ("The capital of the United Kingdom is", "London"),
 ]
+# Cloze: every served model must give the right capital the highest log-probability
+# among these five; a broken weight layout or zero point scrambles the ranking.
+CAPITALS = {"France": "Paris", "Germany": "Berlin", "the United Kingdom": "London",
+            "Italy": "Rome", "Spain": "Madrid"}
+CLOZE = [(f"The capital of {country} is", [f" {city}" for city in CAPITALS.values()])
+         for country in CAPITALS]
 # CAE may be worse than GPTQ measured in the same run by at most this factor: the two
 # differ in one calibration-time term, and at 4 bits, group 64, their perplexities on the
 # held-out windows are within a few percent of each other.
@@ -116,7 +123,7 @@ def served(tmp_path_factory):
     start = time.perf_counter()
     results = serve_and_measure(
         checkpoints, [prompt for prompt, _ in SANITY], held_out, max_tokens=12,
-        window=512, max_windows=16, throughput=[THROUGHPUT],
+        window=512, max_windows=16, throughput=[THROUGHPUT], choices=CLOZE,
         lm_eval_texts=split.evaluation[:2], lm_eval_models=["cae"],
         log_file=root / "vllm_worker.log",
     )
@@ -147,11 +154,22 @@ def test_served_with_cpu_w4a16_kernel(served):
             "CompressedTensorsWNA16/CPUWNA16LinearKernel": 120}, served["models"][name]
 
 
-@pytest.mark.parametrize("name", ["dense", "cae"])
-def test_sanity_prompts(served, name):
-    answers = served["models"][name]["generations"]
+def test_dense_greedy_answers(served):
+    answers = served["models"]["dense"]["generations"]
     for (prompt, word), answer in zip(SANITY, answers):
-        assert word in answer, f"{name}: {prompt!r} -> {answer!r}"
+        assert word in answer, f"dense: {prompt!r} -> {answer!r}"
+    for name in ("gptq", "cae", "rtn_asym"):  # decoding runs; the content is the cloze's job
+        assert all(a.strip() for a in served["models"][name]["generations"]), served["models"][name]
+
+
+@pytest.mark.parametrize("name", ["dense", "gptq", "cae", "rtn_asym"])
+def test_cloze_ranks_the_right_capital_first(served, name):
+    scores = served["models"][name]["choices"]
+    for (prompt, candidates), row in zip(CLOZE, scores):
+        answer = CAPITALS[prompt.removeprefix("The capital of ").removesuffix(" is")]
+        ranked = sorted(zip(row, candidates), reverse=True)
+        print(f"{name}: {prompt!r} -> " + ", ".join(f"{c.strip()} {s:.2f}" for s, c in ranked))
+        assert ranked[0][1] == f" {answer}", f"{name}: {prompt!r} ranked {ranked}"
 
 
 def test_perplexity_dense_better_and_cae_close_to_gptq(served):

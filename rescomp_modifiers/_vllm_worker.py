@@ -79,6 +79,30 @@ def _perplexity(llm, windows):
             "windows": len(windows)}
 
 
+def _score_choices(llm, items):
+    """Log-probability of each candidate continuation given its prompt (a cloze test:
+    the model ranks answers it is given, so one flipped greedy token does not decide).
+    ``items`` is ``[[prompt, [candidate, ...]], ...]``; returns one list of sums per item."""
+    from vllm import SamplingParams, TokensPrompt
+
+    tokenizer = llm.get_tokenizer()
+    sequences, spans = [], []
+    for prompt, candidates in items:
+        prefix = tokenizer(prompt)["input_ids"]
+        for candidate in candidates:
+            ids = tokenizer(prompt + candidate)["input_ids"]
+            if ids[: len(prefix)] != prefix:  # the candidate merged into the prompt's last token
+                raise ValueError(f"{candidate!r} does not tokenize apart from {prompt!r}")
+            sequences.append(ids)
+            spans.append(len(prefix))
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params,
+                           use_tqdm=False)
+    sums = iter(sum(out.prompt_logprobs[i][ids[i]].logprob for i in range(start, len(ids)))
+                for ids, start, out in zip(sequences, spans, outputs))
+    return [[next(sums) for _ in candidates] for _, candidates in items]
+
+
 def _throughput_prompts(llm, batch_size, prompt_len, seed):
     """Distinct random token prompts (no shared prefix), identical for every model."""
     import random
@@ -167,6 +191,10 @@ def main(spec_path, results_path):
     if spec.get("prompts"):
         for name, llm in llms.items():
             models[name]["generations"] = _generate(llm, spec["prompts"], spec["max_tokens"])
+
+    if spec.get("choices"):
+        for name, llm in llms.items():
+            models[name]["choices"] = _score_choices(llm, spec["choices"])
 
     ppl = spec.get("perplexity")
     if ppl and ppl.get("texts"):

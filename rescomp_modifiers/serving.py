@@ -223,6 +223,7 @@ def serve_and_measure(
     window: int = 512,
     max_windows: int = 64,
     throughput: Iterable[Mapping] = (),
+    choices: Sequence[tuple[str, Sequence[str]]] = (),
     lm_eval_texts: Sequence[str | Document] | None = None,
     lm_eval_limit: int | None = None,
     lm_eval_models: Sequence[str] | None = None,
@@ -242,6 +243,9 @@ def serve_and_measure(
     - ``perplexity``: token perplexity from prompt log-probabilities over non-overlapping
       ``window``-token windows of ``logprob_texts`` (each text a document; at most
       ``max_windows``), with ``nll_sum`` and ``tokens``;
+    - ``choices``: for each ``(prompt, candidates)`` in ``choices``, the summed
+      log-probability of every candidate continuation given the prompt (a cloze test,
+      steadier than greedy answers for small quantized models);
     - ``throughput[key]["tokens_per_s"]``: one value per round, for each dict in
       ``throughput`` (``batch_size``, ``prompt_len``, ``output_len``, ``rounds``,
       optional ``seed``); random-token prompts, ``ignore_eos``, the models run in
@@ -272,6 +276,7 @@ def serve_and_measure(
         "max_tokens": max_tokens,
         "perplexity": {"texts": list(logprob_texts), "window": window, "max_windows": max_windows},
         "throughput": [dict(t) for t in throughput],
+        "choices": [[prompt, list(candidates)] for prompt, candidates in choices],
     }
     with tempfile.TemporaryDirectory(prefix="rescomp-vllm-") as tmp:
         tmp = Path(tmp)
