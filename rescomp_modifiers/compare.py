@@ -140,6 +140,7 @@ def run_comparison(config: CompareConfig) -> Path:
 
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
+    _check_resumable(out, config)
     (out / "config.json").write_text(json.dumps(config.__dict__, indent=2))
     results_path = out / "results.jsonl"
     done = {(r["method"], r["seed"]) for r in _read_results(results_path)}
@@ -197,6 +198,27 @@ def run_comparison(config: CompareConfig) -> Path:
     (out / "summary.md").write_text(summary)
     plot(_read_results(results_path), out)
     return out
+
+
+#: settings that may change between runs into one output directory: they only add runs
+_EXTENDABLE = {"methods", "recipes", "seeds", "output"}
+
+
+def _check_resumable(out: Path, config: CompareConfig) -> None:
+    """Refuse to mix results of different settings in one ``results.jsonl``: runs are
+    resumed by (method, seed) alone, so a changed setting would be silently skipped."""
+    previous_path = out / "config.json"
+    if not (out / "results.jsonl").exists() or not previous_path.exists():
+        return
+    previous = json.loads(previous_path.read_text())
+    changed = sorted(k for k, v in config.__dict__.items()
+                     if k not in _EXTENDABLE and k in previous and previous[k] != v)
+    if changed:
+        details = ", ".join(f"{k}: {previous[k]!r} -> {getattr(config, k)!r}" for k in changed)
+        raise ValueError(
+            f"{out} holds results of a different setting ({details}); pass another "
+            "--output, or delete that directory to start over."
+        )
 
 
 def _append(path: Path, record: dict) -> None:

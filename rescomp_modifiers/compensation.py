@@ -458,31 +458,59 @@ def compensate_weight(
     lazy_differs = (clamp_lazy or quantized_lazy) and (has_projection or cae != 0.0)
     dynamic = None if static else _DynamicGroups(g_idx, quant_args, scale, zero_point)
     pull = first_order * (~used_rtn_fallback).to(W.dtype).unsqueeze(-1)  # [batch, 1]
+    # e = ((1 - c) w + c w0 - q) / U_cc with c = b + f: the modified error, one add
+    error_coefficient = cae + first_order
+    w0_in_driver = driver_in_loop and not static and cae != 0.0
 
     for i1 in range(0, num_columns, blocksize):
         i2 = min(i1 + blocksize, num_columns)
         count = i2 - i1
         P_rows = projection_rows(D, Hinv, i1, i2) if has_projection else None
         if w0_ahead:
-            W[:, :, i1:] += cae * torch.bmm(W0[:, :, i1:i2], P_rows)
+            W[:, :, i1:].baddbmm_(W0[:, :, i1:i2], P_rows, alpha=cae)
         W1 = W[:, :, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
+        Latent1 = torch.zeros_like(W1)  # each column's latent value when it was quantized
         Err1 = torch.zeros_like(W1)  # in-block error e
-        LazyErr1 = torch.zeros_like(W1) if lazy_differs else Err1
-        Drive1 = torch.zeros_like(W1) if driver_in_loop else None  # lazy driver v
-        losses1 = torch.zeros_like(W1)
         Hinv1 = Hinv[:, i1:i2, i1:i2]
-        P1 = P_rows[:, :, :count] if driver_in_loop else None
+        diagonal1 = torch.diagonal(Hinv1, dim1=-2, dim2=-1).unsqueeze(1)  # [batch, 1, count]
         W0_1 = W0[:, :, i1:i2] if W0 is not None else None
+        scaled_W0_1 = error_coefficient * W0_1 if error_coefficient != 0.0 else None
+        if driver_in_loop:
+            # [batch, 2, count, count]: row i holds U[i, :] and P[i, :] for the rank-2 update
+            factors1 = torch.stack((Hinv1, P_rows[:, :, :count]), dim=1)
 
         eff, zp = column_scale_window(
             scale, zero_point, global_scale, g_idx, quant_args, num_rows, i1, i2
         )
+
+        def lazy_terms(stop: int):
+            """Error and driver of columns ``:stop`` as the lazy block update uses them.
+
+            Computed for all those columns at once from their recorded latent values,
+            not column by column: only the in-block updates need the per-column error.
+            """
+            latent = Latent1[:, :, :stop]
+            lazy_error, lazy_value = Err1[:, :, :stop], latent
+            if lazy_differs:
+                if clamp_lazy:  # the group's representable range, with these scales
+                    offset = 0.0 if zp is None else zp[:, :, :stop]
+                    scl = eff[:, :, :stop]
+                    lazy_value = torch.clamp(latent, (q_min - offset) * scl, (q_max - offset) * scl)
+                else:
+                    lazy_value = Q1[:, :, :stop]
+                # e_lazy = e + b (w - w_lazy) / U_cc: CAE's H-part with the lazy value
+                lazy_error = lazy_error + cae * (latent - lazy_value) / diagonal1[:, :, :stop]
+            if not driver_in_loop:
+                return lazy_error, None
+            lazy_drive = (asym - cae) * lazy_value
+            if w0_in_driver:
+                lazy_drive = lazy_drive + cae * W0_1[:, :, :stop]
+            return lazy_error, lazy_drive
+
         for i in range(count):
             if dynamic is not None and dynamic.starts_group(i1 + i):
-                latent = _latent_snapshot(
-                    W, W1, i1, i, Hinv, P_rows, LazyErr1, Drive1, driver_in_loop
-                )
+                latent = _latent_snapshot(W, W1, i1, i, Hinv, P_rows, *lazy_terms(i))
                 dynamic.compute(i1 + i, latent)
                 eff, zp = column_scale_window(
                     scale, zero_point, global_scale, g_idx, quant_args, num_rows, i1, i2
@@ -494,47 +522,23 @@ def compensate_weight(
                 None if zp is None else zp[:, :, i].transpose(0, 1),
                 altered_qargs,
             ).transpose(0, 1)
-            diagonal = Hinv1[:, i, i].unsqueeze(-1)
-            gptq_error = (w - q) / diagonal
-            losses1[:, :, i] = gptq_error.square()
             Q1[:, :, i] = q
-
-            deviation = None
-            if W0_1 is not None:
-                deviation = W0_1[:, :, i] - w  # w0 - w
-            error = gptq_error
-            if deviation is not None and (cae + first_order) != 0.0:
-                error = gptq_error + (cae + first_order) * deviation / diagonal
+            Latent1[:, :, i] = w
+            if scaled_W0_1 is not None:
+                error = torch.add(scaled_W0_1[:, :, i] - q, w, alpha=1.0 - error_coefficient)
+            else:
+                error = w - q
+            error = error.div_(diagonal1[:, :, i])
             Err1[:, :, i] = error
 
-            lazy_value = w
-            if lazy_differs:
-                if clamp_lazy:
-                    offset = 0.0 if zp is None else zp[:, :, i]
-                    scl = eff[:, :, i]
-                    lazy_value = torch.minimum(
-                        torch.maximum(w, (q_min - offset) * scl), (q_max - offset) * scl
-                    )
-                else:
-                    lazy_value = q
-                # e_lazy = e + b (w - w_lazy) / U_cc: CAE's H-part with the lazy value
-                LazyErr1[:, :, i] = error + cae * (w - lazy_value) / diagonal
-
             if driver_in_loop:
-                drive = (asym - cae) * w
-                # W0_1 is None without CAE/FOEM (e.g. GPTAQ with dynamic groups)
-                if not static and cae != 0.0:
-                    drive = drive + cae * W0_1[:, :, i]
-                lazy_drive = drive
-                if lazy_differs:
-                    lazy_drive = (asym - cae) * lazy_value
-                    if not static and cae != 0.0:
-                        lazy_drive = lazy_drive + cae * W0_1[:, :, i]
-                Drive1[:, :, i] = lazy_drive
+                # -v = (b - a) w - b w0 (the w0 part here only with dynamic scales)
+                negative_drive = (cae - asym) * w
+                if w0_in_driver:
+                    negative_drive -= cae * W0_1[:, :, i]
                 # one fused rank-2 update: W[:, c+1:] -= e U[c, c+1:] - v P[c, c+1:]
-                rows = torch.stack((error, -drive), dim=-1)
-                factors = torch.stack((Hinv1[:, i, i + 1:], P1[:, i, i + 1:]), dim=1)
-                W1[:, :, i + 1:] -= torch.bmm(rows, factors)
+                rows = torch.stack((error, negative_drive), dim=-1)
+                W1[:, :, i + 1:].baddbmm_(rows, factors1[:, :, i, i + 1:], alpha=-1.0)
             else:
                 W1[:, :, i + 1:] -= error.unsqueeze(-1) * Hinv1[:, i, i + 1:].unsqueeze(1)
 
@@ -543,15 +547,17 @@ def compensate_weight(
                 W1[:, :, i + 1] -= pull * (W1[:, :, i + 1] - W0_1[:, :, i + 1])
 
         W[:, :, i1:i2] = Q1
-        losses += torch.sum(losses1, 2) / 2
+        # upstream's proxy loss ((w - q) / U_cc)^2 / 2, for the whole block at once
+        losses += ((Latent1 - Q1) / diagonal1).square().sum(2) / 2
         if i2 < num_columns:
+            lazy_error, lazy_drive = lazy_terms(count)
             if driver_in_loop:
                 # one fused matmul over [E | -V] and [U; P] for the between-block update
-                left = torch.cat((LazyErr1, -Drive1), dim=-1)
+                left = torch.cat((lazy_error, -lazy_drive), dim=-1)
                 right = torch.cat((Hinv[:, i1:i2, i2:], P_rows[:, :, count:]), dim=-2)
-                W[:, :, i2:] -= torch.bmm(left, right)
+                W[:, :, i2:].baddbmm_(left, right, alpha=-1.0)
             else:
-                W[:, :, i2:] -= torch.bmm(LazyErr1, Hinv[:, i1:i2, i2:])
+                W[:, :, i2:].baddbmm_(lazy_error, Hinv[:, i1:i2, i2:], alpha=-1.0)
 
     return _finish(W, perm, losses, used_rtn_fallback, scale, zero_point, final_dtype)
 
@@ -589,16 +595,17 @@ def _finish(W, perm, losses, used_rtn_fallback, scale, zero_point, final_dtype):
     )
 
 
-def _latent_snapshot(W, W1, i1, i, Hinv, P_rows, LazyErr1, Drive1, driver_in_loop):
+def _latent_snapshot(W, W1, i1, i, Hinv, P_rows, lazy_error, lazy_drive):
     """The exact latent weights of all columns from ``i1 + i`` on.
 
     In-block columns are current in ``W1``; later columns still miss the lazy update
-    of this block's already processed columns, which is applied here to a copy.
+    of this block's already processed columns (``lazy_error`` and ``lazy_drive`` of
+    columns ``i1:i1 + i``), which is applied here to a copy.
     """
     i2 = i1 + W1.shape[-1]
-    later = W[:, :, i2:] - torch.bmm(LazyErr1[:, :, :i], Hinv[:, i1:i1 + i, i2:])
-    if driver_in_loop:
-        later += torch.bmm(Drive1[:, :, :i], P_rows[:, :i, W1.shape[-1]:])
+    later = W[:, :, i2:] - torch.bmm(lazy_error, Hinv[:, i1:i1 + i, i2:])
+    if lazy_drive is not None:
+        later += torch.bmm(lazy_drive, P_rows[:, :i, W1.shape[-1]:])
     return torch.cat((W1[:, :, i:], later), dim=-1)
 
 
