@@ -242,19 +242,34 @@ class CompensationResult:
     zero_point: torch.Tensor
 
 
-def projection_rows(asymmetry: torch.Tensor, hinv_factor: torch.Tensor, i1: int, i2: int) -> torch.Tensor:
+def projection_rows(asymmetry: torch.Tensor, hinv_factor: torch.Tensor, i1: int, i2: int,
+                    chunk: int = 128) -> torch.Tensor:
     """Rows ``i1:i2`` of ``P = triu(D U^T, 1) U``, columns ``i1:`` (left of them is 0).
 
     Row ``c`` of ``P`` equals ``D[c, c+1:] (H_{c+1:})^-1`` for the damped trailing block
     of H: the least-squares coefficients that re-express column ``c``'s input difference
     through the later columns' quantized-flow inputs. ``U`` is upper triangular, so
     ``(D U^T)[c, k]`` for ``k > c >= i1`` needs only ``D[c, i1:]`` and ``U[i1:, i1:]``;
-    computing P a block of rows at a time this way costs ``2n^3/3`` instead of ``2n^3``
-    and never holds the whole ``n x n`` matrix.
+    computing P a block of rows at a time this way never holds the whole ``n x n``
+    matrix. Both products skip U's zero triangle a ``chunk`` of columns at a time
+    (column ``j`` of ``U^T`` is zero above row ``j``, column ``j`` of ``U`` below it),
+    which halves their cost: about ``2n^3/3`` flops for all of P instead of ``4n^3/3``
+    (measured: P was a third of the solve time of a 2048-wide layer).
     """
     trailing = hinv_factor[:, i1:, i1:]
-    rows = torch.bmm(asymmetry[:, i1:i2, i1:], trailing.transpose(-1, -2)).triu_(1)
-    return torch.bmm(rows, trailing)
+    rows_in = asymmetry[:, i1:i2, i1:]
+    width = trailing.shape[-1]
+    rows = torch.empty_like(rows_in)
+    for j1 in range(0, width, chunk):
+        j2 = min(j1 + chunk, width)
+        torch.bmm(rows_in[:, :, j1:], trailing[:, j1:j2, j1:].transpose(-1, -2),
+                  out=rows[:, :, j1:j2])
+    rows.triu_(1)
+    projection = torch.empty_like(rows)
+    for j1 in range(0, width, chunk):
+        j2 = min(j1 + chunk, width)
+        torch.bmm(rows[:, :, :j2], trailing[:, :j2, j1:j2], out=projection[:, :, j1:j2])
+    return projection
 
 
 def _validate(weights, hessians, asymmetry, original_weights, quant_args, terms):

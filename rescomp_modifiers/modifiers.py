@@ -14,17 +14,16 @@ from collections import deque
 from typing import ClassVar, Literal
 
 import torch
-import transformers
 from compressed_tensors.distributed import greedy_bin_packing, wait_for_comms
 from compressed_tensors.offload.dist_utils import is_distributed
 from compressed_tensors.offload import disable_offloading
-from compressed_tensors.utils import getattr_chain
+from compressed_tensors.utils import get_execution_device, getattr_chain
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.gptq.base import _GPTQ_Q_PARAMS
 from llmcompressor.modifiers.gptq.helpers import (
-    GPTQ_PRECISION,
     assign_batches,
+    make_empty_hessian,
     prepare_batch,
     update_batch_qparams,
 )
@@ -34,6 +33,10 @@ from loguru import logger
 from pydantic import PrivateAttr
 from torch import distributed as dist
 
+from rescomp_modifiers.activation_statistics import (
+    SharedInputIncrements,
+    supports_shared_statistics,
+)
 from rescomp_modifiers.checkpoint import make_save_atomic
 from rescomp_modifiers.compensation import (
     CompensationTerms,
@@ -48,38 +51,6 @@ __all__ = ["GPTAQModifier", "CAEModifier", "FOEMModifier", "CompensationModifier
 
 class MissingFullPrecisionStream(RuntimeError):
     """A dual-stream modifier ran without the full-precision activation stream."""
-
-
-def _as_observations(inp: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
-    """``[tokens, features]`` view of a module input, like upstream's Hessian hook."""
-    if not isinstance(module, (torch.nn.Linear, transformers.Conv1D)):
-        raise ValueError(
-            f"Dual-stream statistics support Linear and Conv1D modules, not "
-            f"{type(module).__name__}; add it to `ignore`."
-        )
-    return inp.reshape(-1, inp.shape[-1]).to(dtype=GPTQ_PRECISION)
-
-
-def accumulate_asymmetry(
-    fp_inp: torch.Tensor, inp: torch.Tensor, module: torch.nn.Module, asymmetry: torch.Tensor
-) -> torch.Tensor:
-    """``D += 2 (x_fp - x_q) x_q^T``, summed like upstream's ``H`` (normalized later)."""
-    if fp_inp.shape != inp.shape:
-        raise ValueError(
-            f"The full-precision and quantized inputs of {type(module).__name__} have "
-            f"different shapes {tuple(fp_inp.shape)} vs {tuple(inp.shape)}: the two "
-            "streams routed tokens differently (for MoE models keep "
-            "moe_calibrate_all_experts=True)."
-        )
-    x_q = _as_observations(inp, module).to(asymmetry.device)
-    x_fp = _as_observations(fp_inp, module).to(asymmetry.device)
-    if not (torch.isfinite(x_q).all() and torch.isfinite(x_fp).all()):
-        raise ValueError(
-            f"NaN or Inf in the calibration activations of {type(module).__name__}: "
-            "check the model dtype (fp16 overflow) and the calibration data."
-        )
-    asymmetry.addmm_((x_fp - x_q).t(), x_q, alpha=2.0)
-    return asymmetry
 
 
 class CompensationModifier(GPTQModifier):
@@ -104,6 +75,7 @@ class CompensationModifier(GPTQModifier):
 
     _asymmetry: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
     _fp_stream: "FullPrecisionStream | None" = PrivateAttr(default=None)
+    _shared_increments: SharedInputIncrements = PrivateAttr(default_factory=SharedInputIncrements)
 
     # -- what the subclasses decide -------------------------------------------------
     @property
@@ -151,22 +123,43 @@ class CompensationModifier(GPTQModifier):
         ]
 
     def calibrate_module(self, module, args, _output):
-        super().calibrate_module(module, args, _output)
-        if not self.needs_full_precision_stream:
-            return
-        fp_inp = self._fp_stream.pop(module)
-        if fp_inp is None:
-            raise MissingFullPrecisionStream(
-                f"{type(self).__name__} saw a quantized-stream input of "
-                f"{self._module_names.get(module, module)} without its full-precision "
-                "twin; refusing to silently degrade to GPTQ. Run it under the "
-                "`dual_stream` pipeline."
-            )
-        if module not in self._asymmetry:
-            self._asymmetry[module] = torch.zeros_like(self._hessians[module])
-        accumulate_asymmetry(fp_inp, args[0], module, self._asymmetry[module])
+        """Accumulate H (like upstream) and, with the FP stream, D for this module.
+
+        Modules reading the same input tensor share one computation of the increments
+        (see :mod:`rescomp_modifiers.activation_statistics`).
+        """
+        fp_inp = None
+        if self.needs_full_precision_stream:
+            fp_inp = self._fp_stream.pop(module)
+            if fp_inp is None:
+                raise MissingFullPrecisionStream(
+                    f"{type(self).__name__} saw a quantized-stream input of "
+                    f"{self._module_names.get(module, module)} without its full-precision "
+                    "twin; refusing to silently degrade to GPTQ. Run it under the "
+                    "`dual_stream` pipeline."
+                )
+        if not supports_shared_statistics(module):
+            if fp_inp is not None:
+                raise ValueError(
+                    f"Dual-stream statistics support Linear and Conv1D modules, not "
+                    f"{type(module).__name__}; add it to `ignore`."
+                )
+            return super().calibrate_module(module, args, _output)  # e.g. Conv2d
+        if module not in self._num_samples:
+            device = get_execution_device(module)
+            self._hessians[module] = make_empty_hessian(module, device=device)
+            self._num_samples[module] = torch.zeros((), device=device)
+        hessian = self._hessians[module]
+        increments = self._shared_increments.get(args[0], fp_inp, hessian.device)
+        self._num_samples[module] += increments.num_samples
+        hessian += increments.hessian
+        if increments.asymmetry is not None:
+            if module not in self._asymmetry:
+                self._asymmetry[module] = torch.zeros_like(hessian)
+            self._asymmetry[module] += increments.asymmetry
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
+        self._shared_increments.clear()
         super().on_calibration_end(state, event, **kwargs)
         if self._fp_stream is not None:
             self._fp_stream.unwatch(self._hooked_modules())
@@ -221,6 +214,7 @@ class CompensationModifier(GPTQModifier):
                 self._num_compressed_modules += len(batch)
 
     def compress_modules(self):
+        self._shared_increments.clear()  # the subgraph's last inputs are not needed now
         if not is_distributed():
             return super().compress_modules()
         # Upstream's distributed branch, except that the results are broadcast also for

@@ -95,6 +95,27 @@ def test_yaml_recipe_sees_both_streams(tiny_model_dir, solver_calls, name, extra
     assert drift and drift[-1].mse > 0
 
 
+def test_modules_sharing_an_input_share_one_statistics_computation(
+        tiny_model_dir, solver_calls, monkeypatch):
+    """q/k/v and gate/up read the same tensor: 4 computations per layer and batch, not 7,
+    and every module still gets its own (equal) D."""
+    import rescomp_modifiers.activation_statistics as statistics
+
+    calls = []
+    original = statistics.compute_increments
+    monkeypatch.setattr(statistics, "compute_increments",
+                        lambda *args: calls.append(args) or original(*args))
+    model = run_oneshot(tiny_model_dir, [GPTAQModifier(ignore=IGNORE, config_groups=GROUP32)],
+                        batch_size=4)  # 8 samples: 2 batches
+    layers = len(model.model.layers)
+    assert len(calls) == layers * 2 * 4
+    layer1 = "model.layers.1.self_attn."
+    assert torch.equal(solver_calls[layer1 + "q_proj"], solver_calls[layer1 + "v_proj"])
+    # gate_proj reads another tensor of the same width (after the attention block)
+    assert not torch.equal(solver_calls[layer1 + "q_proj"],
+                           solver_calls["model.layers.1.mlp.gate_proj"])
+
+
 @pytest.mark.parametrize("tiny_model_dir", ["qwen3", "qwen3_moe"], indirect=True)
 def test_python_recipe_on_qwen3_and_moe(tiny_model_dir, solver_calls, tmp_path):
     model = run_oneshot(tiny_model_dir, [CAEModifier(ignore=IGNORE, config_groups=GROUP32)])
