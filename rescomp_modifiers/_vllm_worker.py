@@ -63,28 +63,30 @@ def _windows(tokenizer, texts, window, max_windows):
     return out
 
 
-def _perplexity(llm, windows):
-    """Token perplexity from prompt log-probabilities (prompt_logprobs=0 returns the
-    log-probability of each actual prompt token; the first token has none)."""
+def _token_logprobs(llm, sequences, use_tqdm=True):
+    """Per token sequence, the log-probability of each of its tokens after the first
+    (prompt_logprobs=0 returns the actual prompt tokens' values; the first has none)."""
     from vllm import SamplingParams, TokensPrompt
 
     params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params)
-    total, count = 0.0, 0
-    for window, out in zip(windows, outputs):
-        for token, entry in zip(window[1:], out.prompt_logprobs[1:]):
-            total += entry[token].logprob
-            count += 1
-    return {"perplexity": math.exp(-total / count), "nll_sum": -total, "tokens": count,
-            "windows": len(windows)}
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params,
+                           use_tqdm=use_tqdm)
+    return [[entry[token].logprob for token, entry in zip(ids[1:], out.prompt_logprobs[1:])]
+            for ids, out in zip(sequences, outputs)]
+
+
+def _perplexity(llm, windows):
+    """Token perplexity from prompt log-probabilities over the windows."""
+    logprobs = [value for window in _token_logprobs(llm, windows) for value in window]
+    total = sum(logprobs)
+    return {"perplexity": math.exp(-total / len(logprobs)), "nll_sum": -total,
+            "tokens": len(logprobs), "windows": len(windows)}
 
 
 def _score_choices(llm, items):
     """Log-probability of each candidate continuation given its prompt (a cloze test:
     the model ranks answers it is given, so one flipped greedy token does not decide).
     ``items`` is ``[[prompt, [candidate, ...]], ...]``; returns one list of sums per item."""
-    from vllm import SamplingParams, TokensPrompt
-
     tokenizer = llm.get_tokenizer()
     sequences, spans = [], []
     for prompt, candidates in items:
@@ -95,11 +97,9 @@ def _score_choices(llm, items):
                 raise ValueError(f"{candidate!r} does not tokenize apart from {prompt!r}")
             sequences.append(ids)
             spans.append(len(prefix))
-    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params,
-                           use_tqdm=False)
-    sums = iter(sum(out.prompt_logprobs[i][ids[i]].logprob for i in range(start, len(ids)))
-                for ids, start, out in zip(sequences, spans, outputs))
+    # entry k of a sequence's log-probabilities belongs to its token k + 1
+    sums = iter(sum(values[start - 1:]) for values, start
+                in zip(_token_logprobs(llm, sequences, use_tqdm=False), spans))
     return [[next(sums) for _ in candidates] for _, candidates in items]
 
 
