@@ -64,6 +64,17 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True, params=[compensation.IN_BLOCK_WINDOW, 3],
+                ids=lambda window: f"window{window}")
+def in_block_window(request, monkeypatch):
+    """Every test also runs with 3-column in-block windows.
+
+    The problems here use blocks of 8-64 columns; windows of 3 put window ends at
+    every position relative to blocks, groups, the FOEM pull and dynamic group starts.
+    """
+    monkeypatch.setattr(compensation, "IN_BLOCK_WINDOW", request.param)
+
+
 @pytest.fixture
 def float64_solver(monkeypatch):
     """Run the solver's working tensors in float64 (see the module docstring)."""
@@ -735,6 +746,29 @@ def test_dead_columns_are_zero_and_finite(method, semantics, actorder):
     assert (quantized[:, DEAD] == 0).all()
     live = [c for c in range(64) if c not in DEAD]
     assert (quantized[:, live] != 0).any(dim=0).all()
+
+
+@pytest.mark.parametrize("method", ["cae", "gptq_cae", "foem", "foem_gptaq"])
+@pytest.mark.parametrize("actorder", [None, "weight"])
+def test_original_weights_default_to_the_weights(method, actorder):
+    """No ``original_weights`` (what the modifiers pass) means W0 = the weights handed in.
+
+    The solver then copies W0 from its own permuted, dead-column-zeroed W instead of
+    preparing a second tensor; the result must be the same to the bit.
+    """
+    quant_args = int_args(4, "group", 16, symmetric=False, actorder=actorder)
+    layer = layer_with_dead_columns(quant_args)
+    layer = dict(layer, W0=layer["W"].clone())
+    terms = CompensationTerms.for_method(method, "released", 4)
+    explicit = run_solver(layer, quant_args, terms, blocksize=16, dtype=torch.float32)
+    implicit = compensate_weight(
+        layer["W"].float()[None].clone(), layer["H"].float()[None].clone(),
+        layer["scale"].float()[None].clone(), layer["zp"][None].clone(), None,
+        quant_args, asymmetry=layer["D"].float()[None].clone(), terms=terms,
+        blocksize=16, percdamp=PERCDAMP,
+    )
+    assert torch.equal(implicit.quantized, explicit.quantized)
+    assert torch.equal(implicit.losses, explicit.losses)
 
 
 @pytest.mark.parametrize("case", ["gptaq_cae_unequal", "everything"])
