@@ -1,5 +1,6 @@
 """H and D increments, and their reuse across modules that read the same input."""
 
+import pytest
 import torch
 from llmcompressor.modifiers.gptq.helpers import accumulate_hessian
 
@@ -27,6 +28,24 @@ def test_hessian_increment_is_bit_identical_to_upstream():
     upstream, count = accumulate_hessian(x_q, linear, torch.zeros(16, 16), torch.zeros(()))
     ours = compute_increments(x_q, None, torch.device("cpu"))
     assert torch.equal(upstream, ours.hessian) and ours.num_samples == int(count) == 3
+
+
+@pytest.mark.parametrize("stream", ["quantized", "full_precision"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_activations_are_refused(stream, bad):
+    x_q, x_fp = _inputs()
+    (x_q if stream == "quantized" else x_fp)[1, 2, 3] = bad
+    with pytest.raises(ValueError, match="NaN or Inf in the calibration activations"):
+        compute_increments(x_q, x_fp, torch.device("cpu"))
+
+
+def test_large_finite_activations_are_accepted():
+    """Products whose sum overflows float32 are still finite entries: no error."""
+    x_q, x_fp = _inputs()
+    x_q, x_fp = 1e18 + x_q.abs() * 1e17, 1e18 + x_fp.abs() * 1e17  # entries ~2e37
+    got = compute_increments(x_q, x_fp, torch.device("cpu"))
+    assert not torch.isfinite(got.hessian.sum())  # the shortcut alone would refuse it
+    assert torch.isfinite(got.hessian).all() and torch.isfinite(got.asymmetry).all()
 
 
 def test_shared_input_is_computed_once_and_changed_input_again():
