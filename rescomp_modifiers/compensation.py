@@ -515,7 +515,7 @@ def compensate_weight(
     # v = (a - b) w + b w0: the b*w0 part does not depend on the loop. With scales fixed
     # before the loop it becomes an error shift (module docstring), without P.
     driver_in_loop = has_projection and (asym != cae or not static)
-    w0_ahead = has_projection and cae != 0.0 and static
+    w0_error_shift = has_projection and cae != 0.0 and static
 
     if plain:
         return _finish(
@@ -535,7 +535,7 @@ def compensate_weight(
     columns_major = _compensation_loop(
         W, W0, D, Hinv, scale, zero_point, global_scale, g_idx, quant_args, terms,
         asymmetric=asym, static=static, driver_in_loop=driver_in_loop,
-        w0_ahead=w0_ahead, used_rtn_fallback=used_rtn_fallback, blocksize=blocksize,
+        w0_error_shift=w0_error_shift, used_rtn_fallback=used_rtn_fallback, blocksize=blocksize,
         losses=losses,
     )
     return _finish(columns_major, perm, losses, used_rtn_fallback, scale, zero_point,
@@ -543,7 +543,7 @@ def compensate_weight(
 
 
 def _compensation_loop(W, W0, D, Hinv, scale, zero_point, global_scale, g_idx, quant_args,
-                       terms, *, asymmetric, static, driver_in_loop, w0_ahead,
+                       terms, *, asymmetric, static, driver_in_loop, w0_error_shift,
                        used_rtn_fallback, blocksize, losses):
     """The column loop with the compensation terms on column-major ``W`` and ``W0``.
 
@@ -553,7 +553,7 @@ def _compensation_loop(W, W0, D, Hinv, scale, zero_point, global_scale, g_idx, q
     the window's columns update the rest of the block as one matmul when it ends (the
     same arithmetic as every column updating every later one, regrouped).
     """
-    batch_size, num_columns, num_rows = W.shape
+    _, num_columns, num_rows = W.shape
     device = W.device
     asym = asymmetric
     cae = terms.compensation_aware_coefficient
@@ -586,7 +586,7 @@ def _compensation_loop(W, W0, D, Hinv, scale, zero_point, global_scale, g_idx, q
         W0_1 = W0[:, i1:i2] if W0 is not None else None
         # e = ((1 - c) w + error_offset - q) / U_cc, error_offset = c w0 - b V[:, c] U_cc
         error_offset = error_coefficient * W0_1 if error_coefficient != 0.0 else None
-        if w0_ahead:
+        if w0_error_shift:
             # b W0 P = b V U: V's diagonal term now, the rest through the shifted error
             drive1 = original_weight_drive(D, Hinv, W0, i1, i2).mul_(diagonal1)
             W1.add_(drive1, alpha=cae)
