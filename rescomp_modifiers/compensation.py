@@ -366,11 +366,14 @@ def _validate(weights, hessians, asymmetry, original_weights, quant_args, terms)
         )
 
 
-# index_select per batch item: 2-5x faster than gather with an expanded index on CPU
-def _gather_columns(tensor: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+def _permute(tensor: torch.Tensor, perm: torch.Tensor, dim: int) -> torch.Tensor:
+    """Each batch item's rows (``dim=0``) or columns (``dim=1``) in its ``perm`` order.
+
+    index_select per item: 2-5x faster than gather with an expanded index on CPU.
+    """
     out = torch.empty_like(tensor)
     for item, p, target in zip(tensor, perm, out):
-        torch.index_select(item, -1, p, out=target)
+        torch.index_select(item, dim, p, out=target)
     return out
 
 
@@ -387,15 +390,8 @@ def _column_major(tensor: torch.Tensor, chunk: int = 128) -> torch.Tensor:
     return out
 
 
-def _select_rows(tensor: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    out = torch.empty_like(tensor)
-    for item, p, target in zip(tensor, perm, out):
-        torch.index_select(item, 0, p, out=target)
-    return out
-
-
 def _permute_square(tensor: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    return _gather_columns(_select_rows(tensor, perm), perm)
+    return _permute(_permute(tensor, perm, dim=0), perm, dim=1)
 
 
 @torch.no_grad()
@@ -459,7 +455,7 @@ def compensate_weight(
         if D is not None:
             D = _permute_square(D, perm)
         if W0 is not None:
-            W0 = _gather_columns(W0, perm)
+            W0 = _permute(W0, perm, dim=1)
 
     g_idx = None
     strategy = quant_args.strategy
@@ -566,8 +562,7 @@ def _compensation_loop(W, W0, D, Hinv, scale, zero_point, global_scale, g_idx, q
     lazy_differs = (clamp_lazy or quantized_lazy) and (D is not None or cae != 0.0)
     dynamic = None if static else _DynamicGroups(g_idx, quant_args, scale, zero_point)
     pull = first_order * (~used_rtn_fallback).to(W.dtype).unsqueeze(-1)  # [batch, 1]
-    # e = ((1 - c) w + c w0 - q) / U_cc with c = b + f: the modified error, one add
-    error_coefficient = cae + first_order
+    error_coefficient = cae + first_order  # c = b + f of the modified error (error_offset)
     w0_in_driver = driver_in_loop and not static and cae != 0.0
     window = IN_BLOCK_WINDOW
 
@@ -725,7 +720,8 @@ def _finish(W, perm, losses, used_rtn_fallback, scale, zero_point, final_dtype,
             column_major=False):
     if perm is not None:
         invperm = torch.argsort(perm, dim=-1)
-        W = _select_rows(W, invperm) if column_major else _gather_columns(W, invperm)
+        # column-major W holds the columns as rows
+        W = _permute(W, invperm, dim=0 if column_major else 1)
     if column_major:
         W = W.transpose(1, 2)
     return CompensationResult(
