@@ -8,22 +8,26 @@ samples, exactly like llm-compressor's Hessian::
     D += 2 (x_fp - x_q)^T x_q
 
 Modules that read the same input tensor (q/k/v of an attention block, gate/up of an
-MLP) get the same increments, so they are computed once per input and added to each
-module's sums: with D that is two ``tokens x features^2`` products saved per sharing
-module (measured on SmolLM2 before this: H and D accumulation were 26% of a GPTAQ+CAE
-oneshot, q/k/v and gate/up are 5 of the 7 Linears of a layer).
+MLP) get the same increments, so they are computed once per input (with D that is two
+``tokens x features^2`` products saved per sharing module; before this, H and D
+accumulation were 26% of a GPTAQ+CAE oneshot on SmolLM2) and summed once for the whole
+group: :class:`GroupedStatistics`. The modifiers then solve such a group as one
+row-stacked weight (GPTQ's update of a row depends only on that row, H and D).
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 import transformers
 from llmcompressor.modifiers.gptq.helpers import GPTQ_PRECISION
 
-__all__ = ["StatisticsIncrements", "SharedInputIncrements", "supports_shared_statistics"]
+__all__ = [
+    "GroupedStatistics", "SharedSums", "StatisticsIncrements", "supports_shared_statistics",
+]
 
 
 def supports_shared_statistics(module: torch.nn.Module) -> bool:
@@ -98,33 +102,117 @@ def _same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
             and a.dtype == b.dtype and a.device == b.device)
 
 
-class SharedInputIncrements:
-    """Increments of the most recent input, reused while the next module reads the same
-    tensors (the same memory, shape, strides and in-place version).
+@dataclass
+class SharedSums:
+    """H, D and sample-count sums of the modules that read the same input in every
+    batch so far (q/k/v, gate/up): one set of sums, one solve for all of them."""
 
-    It holds the inputs themselves while cached, so their memory cannot be reused by a
-    later batch at the same address; :meth:`clear` releases them (at the end of
-    calibration of a subgraph).
+    members: list[torch.nn.Module]
+    hessian: torch.Tensor
+    asymmetry: torch.Tensor | None
+    num_samples: torch.Tensor
+
+    @classmethod
+    def zeros_like(cls, increments: StatisticsIncrements, members) -> "SharedSums":
+        hessian = torch.zeros_like(increments.hessian)
+        asymmetry = None if increments.asymmetry is None else torch.zeros_like(hessian)
+        return cls(list(members), hessian, asymmetry, torch.zeros((), device=hessian.device))
+
+    def copy_for(self, members) -> "SharedSums":
+        asymmetry = None if self.asymmetry is None else self.asymmetry.clone()
+        return SharedSums(list(members), self.hessian.clone(), asymmetry,
+                          self.num_samples.clone())
+
+    def add(self, increments: StatisticsIncrements, times: int) -> None:
+        # one add per call, as upstream's hook does for a module called twice on a batch
+        for _ in range(times):
+            self.num_samples += increments.num_samples
+            self.hessian += increments.hessian
+            if self.asymmetry is not None:
+                self.asymmetry += increments.asymmetry
+
+
+@dataclass
+class _Pending:
+    """The increments of the most recent input and the modules that have read it."""
+
+    key: tuple
+    increments: StatisticsIncrements
+    consumers: list[torch.nn.Module]
+
+    def matches(self, inp, fp_inp, device) -> bool:
+        cached_inp, cached_fp, versions, cached_device = self.key
+        return (cached_device == device and _same_tensor(cached_inp, inp)
+                and _same_tensor(cached_fp, fp_inp)
+                and versions == _versions(inp, fp_inp))
+
+
+def _versions(inp, fp_inp) -> tuple:
+    return inp._version, None if fp_inp is None else fp_inp._version
+
+
+class GroupedStatistics:
+    """Per-module H, D and sample counts, shared by modules that read the same input.
+
+    The increments of an input are computed once and added once per group of readers
+    (measured on SmolLM2: q/k/v and gate/up are 5 of a layer's 7 Linears). The add is
+    deferred until the next input arrives (or :meth:`flush`), when it is known which
+    modules read this one: modules that read the same input in every batch keep one set
+    of :class:`SharedSums`; a module that ever reads something else than its group
+    leaves it with a copy of the sums so far, so every module's sums are exactly what
+    upstream's per-module accumulation gives.
+
+    The pending input tensors are held until the flush, so their memory cannot be
+    reused by a later batch at the same address.
     """
 
     def __init__(self):
-        self._key = None
-        self._increments: StatisticsIncrements | None = None
+        self._sums: dict[torch.nn.Module, SharedSums] = {}
+        self._pending: _Pending | None = None
+
+    def add(self, module: torch.nn.Module, inp: torch.Tensor, fp_inp: torch.Tensor | None,
+            device: torch.device) -> None:
+        """Account ``module`` reading ``inp`` (and its full-precision twin ``fp_inp``)."""
+        pending = self._pending
+        if pending is not None and pending.matches(inp, fp_inp, device):
+            pending.consumers.append(module)
+            return
+        self.flush()  # releases the old inputs before computing new increments
+        increments = compute_increments(inp, fp_inp, device)
+        self._pending = _Pending((inp, fp_inp, _versions(inp, fp_inp), device), increments,
+                                 [module])
+
+    def flush(self) -> None:
+        """Add the pending increments to the sums of the modules that read them."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        times = Counter(pending.consumers)
+        parts: dict[tuple, list[torch.nn.Module]] = {}
+        for module, count in times.items():
+            sums = self._sums.get(module)
+            parts.setdefault((None if sums is None else id(sums), count), []).append(module)
+        for members in parts.values():
+            sums = self._sums.get(members[0])
+            if sums is None:
+                sums = SharedSums.zeros_like(pending.increments, members)
+            elif len(members) < len(sums.members):
+                # part of the group read another input: it leaves with the sums so far
+                # (copied before this input is added to the rest of the group)
+                leaving = set(members)
+                sums.members = [m for m in sums.members if m not in leaving]
+                sums = sums.copy_for(members)
+            for module in members:
+                self._sums[module] = sums
+            sums.add(pending.increments, times[members[0]])
+
+    def pop_all(self) -> list[SharedSums]:
+        """Every module's sums, each shared set once; the store is empty afterwards."""
+        self.flush()
+        unique = list({id(sums): sums for sums in self._sums.values()}.values())
+        self._sums.clear()
+        return unique
 
     def clear(self) -> None:
-        self._key = None
-        self._increments = None
-
-    def get(self, inp: torch.Tensor, fp_inp: torch.Tensor | None,
-            device: torch.device) -> StatisticsIncrements:
-        if self._key is not None:
-            cached_inp, cached_fp, versions, cached_device = self._key
-            if (cached_device == device and _same_tensor(cached_inp, inp)
-                    and _same_tensor(cached_fp, fp_inp)
-                    and versions == (inp._version, None if fp_inp is None else fp_inp._version)):
-                return self._increments
-        self.clear()  # release the old increments before computing new ones
-        self._increments = compute_increments(inp, fp_inp, device)
-        self._key = (inp, fp_inp, (inp._version, None if fp_inp is None else fp_inp._version),
-                     device)
-        return self._increments
+        self._pending = None
+        self._sums.clear()

@@ -244,6 +244,8 @@ class CompensationResult:
     quantized: torch.Tensor
     #: per-item GPTQ proxy loss ``sum ((w - q) / U[c,c])^2 / 2``
     losses: torch.Tensor
+    #: the same loss per row, ``[batch, rows]`` (for row-stacked modules)
+    row_losses: torch.Tensor
     #: per-item flag: the Hessian factorization failed, round-to-nearest was used
     used_rtn_fallback: torch.Tensor
     #: scales and zero points that quantize ``quantized`` (changed only by dynamic groups)
@@ -727,6 +729,7 @@ def _finish(W, perm, losses, used_rtn_fallback, scale, zero_point, final_dtype,
     return CompensationResult(
         quantized=W.to(final_dtype, memory_format=torch.contiguous_format),
         losses=losses.sum(dim=1),
+        row_losses=losses,
         used_rtn_fallback=used_rtn_fallback,
         scale=scale,
         zero_point=zero_point,

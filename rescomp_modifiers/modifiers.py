@@ -17,14 +17,14 @@ import torch
 from compressed_tensors.distributed import greedy_bin_packing, wait_for_comms
 from compressed_tensors.offload.dist_utils import is_distributed
 from compressed_tensors.offload import disable_offloading
+from compressed_tensors.quantization import QuantizationStrategy
 from compressed_tensors.utils import get_execution_device, getattr_chain
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.gptq.base import _GPTQ_Q_PARAMS
 from llmcompressor.modifiers.gptq.helpers import (
+    GPTQ_PRECISION,
     assign_batches,
-    make_empty_hessian,
-    prepare_batch,
     update_batch_qparams,
 )
 from llmcompressor.utils.dist import broadcast_qparams_and_cleanup
@@ -34,7 +34,7 @@ from pydantic import PrivateAttr
 from torch import distributed as dist
 
 from rescomp_modifiers.activation_statistics import (
-    SharedInputIncrements,
+    GroupedStatistics,
     supports_shared_statistics,
 )
 from rescomp_modifiers.checkpoint import make_save_atomic
@@ -51,6 +51,24 @@ __all__ = ["GPTAQModifier", "CAEModifier", "FOEMModifier", "CompensationModifier
 
 class MissingFullPrecisionStream(RuntimeError):
     """A dual-stream modifier ran without the full-precision activation stream."""
+
+
+def _row_stackable(modules: list[torch.nn.Module]) -> bool:
+    """Whether solving ``modules`` (sharing H and D) as one row-stacked weight equals
+    solving each alone: per-row scales (channel or group strategy, no module-wide
+    global scale) and the same quantization arguments, weight dtype and device."""
+    first = modules[0]
+    quant_args = getattr_chain(first, "quantization_scheme.weights")
+    if quant_args.strategy not in (QuantizationStrategy.CHANNEL, QuantizationStrategy.GROUP):
+        return False
+    return all(
+        getattr_chain(module, "quantization_scheme.weights") == quant_args
+        and getattr(module, "weight_global_scale", None) is None
+        and module.weight.dim() == 2
+        and module.weight.dtype == first.weight.dtype
+        and module.weight.device == first.weight.device
+        for module in modules
+    )
 
 
 class CompensationModifier(GPTQModifier):
@@ -75,7 +93,7 @@ class CompensationModifier(GPTQModifier):
 
     _asymmetry: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
     _fp_stream: "FullPrecisionStream | None" = PrivateAttr(default=None)
-    _shared_increments: SharedInputIncrements = PrivateAttr(default_factory=SharedInputIncrements)
+    _statistics: GroupedStatistics = PrivateAttr(default_factory=GroupedStatistics)
 
     # -- what the subclasses decide -------------------------------------------------
     @property
@@ -125,8 +143,8 @@ class CompensationModifier(GPTQModifier):
     def calibrate_module(self, module, args, _output):
         """Accumulate H (like upstream) and, with the FP stream, D for this module.
 
-        Modules reading the same input tensor share one computation of the increments
-        (see :mod:`rescomp_modifiers.activation_statistics`).
+        Modules reading the same input tensor share one computation and one sum of the
+        statistics (see :class:`~rescomp_modifiers.activation_statistics.GroupedStatistics`).
         """
         fp_inp = None
         if self.needs_full_precision_stream:
@@ -145,109 +163,164 @@ class CompensationModifier(GPTQModifier):
                     f"{type(module).__name__}; add it to `ignore`."
                 )
             return super().calibrate_module(module, args, _output)  # e.g. Conv2d
-        if module not in self._num_samples:
-            device = get_execution_device(module)
-            self._hessians[module] = make_empty_hessian(module, device=device)
-            self._num_samples[module] = torch.zeros((), device=device)
-        hessian = self._hessians[module]
-        increments = self._shared_increments.get(args[0], fp_inp, hessian.device)
-        self._num_samples[module] += increments.num_samples
-        hessian += increments.hessian
-        if increments.asymmetry is not None:
-            if module not in self._asymmetry:
-                self._asymmetry[module] = torch.zeros_like(hessian)
-            self._asymmetry[module] += increments.asymmetry
+        self._statistics.add(module, args[0], fp_inp, get_execution_device(module))
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
-        self._shared_increments.clear()
+        self._collect_statistics()
         super().on_calibration_end(state, event, **kwargs)
         if self._fp_stream is not None:
             self._fp_stream.unwatch(self._hooked_modules())
 
     # -- compression -------------------------------------------------------------------
-    def compress_module_list(self, module_list):
-        for batch in assign_batches(module_list, self.batched_quantization, self.block_size):
-            quant_args = getattr_chain(batch[0], "quantization_scheme.weights")
-            terms = self.compensation_terms(quant_args.num_bits)
-            batch_qparams = [module.weight_observer.get_qparams() for module in batch]
-            names = [self._module_names[module] for module in batch]
-            logger.info(f"Quantizing {len(batch)} module(s) with {self.log_name}: {names}")
+    def _collect_statistics(self) -> list[list[torch.nn.Module]]:
+        """Move the grouped sums into upstream's per-module dicts (members of a group
+        share the same tensors) and return the groups, each a list of modules."""
+        groups = []
+        for sums in self._statistics.pop_all():
+            for module in sums.members:
+                self._hessians[module] = sums.hessian
+                self._num_samples[module] = sums.num_samples
+                if sums.asymmetry is not None:
+                    self._asymmetry[module] = sums.asymmetry
+            groups.append(sums.members)
+        return groups
 
-            with torch.no_grad(), disable_offloading(), contextlib.ExitStack() as stack:
-                asymmetry = None
-                if self.needs_full_precision_stream:
-                    asymmetry = torch.stack(
-                        [
-                            self._asymmetry.pop(module)
-                            / self._num_samples[module].to(self._hessians[module].device)
-                            for module in batch
-                        ]
-                    )
-                weights, hessians, scales, zero_points, global_scales = prepare_batch(
-                    batch, batch_qparams, self._hessians, self._num_samples
-                )
-                comp_loggers = [
-                    stack.enter_context(CompressionLogger(module)) for module in batch
-                ]
-                result = compensate_weight(
-                    weights,
-                    hessians,
-                    scales,
-                    zero_points,
-                    global_scales,
-                    quant_args,
-                    asymmetry=None if asymmetry is None else asymmetry.to(weights.device),
-                    terms=terms,
-                    blocksize=self.block_size,
-                    percdamp=self.dampening_frac,
-                    module_names=names,
-                )
-                for index, comp_logger in enumerate(comp_loggers):
-                    comp_logger.set_results(name=self.log_name, loss=result.losses[index].item())
-                    if result.used_rtn_fallback[index].item():
-                        self._rtn_fallback_module_names.append(names[index])
-                stack.close()
-                update_batch_qparams(
-                    batch, result.quantized, result.scale, result.zero_point,
-                    global_scales, quant_args,
-                )
-                self._num_compressed_modules += len(batch)
+    def compress_module_list(self, module_list):
+        """Solve the modules: a group that shares its statistics (q/k/v, gate/up) as one
+        row-stacked weight when its rows can be quantized independently, the rest in
+        upstream's batches of same-shape modules."""
+        by_sums: dict[int, list[torch.nn.Module]] = {}
+        for module in module_list:
+            by_sums.setdefault(id(self._hessians[module]), []).append(module)
+        stacked, singles = [], []
+        for members in by_sums.values():
+            if len(members) > 1 and _row_stackable(members):
+                stacked.append([members])
+            else:
+                singles.extend(members)
+        batches = stacked + [
+            [[module] for module in batch]
+            for batch in assign_batches(singles, self.batched_quantization, self.block_size)
+        ]
+        for units in batches:
+            self._compress_units(units)
+
+    def _compress_units(self, units: list[list[torch.nn.Module]]) -> None:
+        """One solver call: each unit's modules stacked by rows into one batch item."""
+        modules = [module for unit in units for module in unit]
+        quant_args = getattr_chain(modules[0], "quantization_scheme.weights")
+        terms = self.compensation_terms(quant_args.num_bits)
+        qparams = [module.weight_observer.get_qparams() for module in modules]
+        names = [" + ".join(self._module_names[module] for module in unit) for unit in units]
+        logger.info(f"Quantizing {len(modules)} module(s) with {self.log_name}: {names}")
+        rows = [[module.weight.shape[0] for module in unit] for unit in units]
+
+        def per_module(stacked: torch.Tensor) -> list[torch.Tensor]:
+            return [part for item, item_rows in zip(stacked, rows) for part in item.split(item_rows)]
+
+        with torch.no_grad(), disable_offloading(), contextlib.ExitStack() as stack:
+            hessians, asymmetry = self._pop_statistics(units)
+            weights = torch.stack(
+                [torch.cat([module.weight for module in unit]) for unit in units]
+            ).to(dtype=GPTQ_PRECISION)
+            index = 0
+            scales, zero_points = [], []
+            for unit in units:
+                unit_qparams = qparams[index:index + len(unit)]
+                index += len(unit)
+                scales.append(torch.cat([q["scale"] for q in unit_qparams]))
+                zero_points.append(torch.cat([q["zero_point"] for q in unit_qparams]))
+            # a global scale is per module: units of one module only (_row_stackable)
+            global_scales = (
+                torch.stack([q["global_scale"].reshape(-1)[0] for q in qparams])
+                if qparams[0]["global_scale"] is not None
+                else None
+            )
+            comp_loggers = [stack.enter_context(CompressionLogger(module)) for module in modules]
+            result = compensate_weight(
+                weights,
+                hessians,
+                torch.stack(scales),
+                torch.stack(zero_points),
+                global_scales,
+                quant_args,
+                asymmetry=None if asymmetry is None else asymmetry.to(weights.device),
+                terms=terms,
+                blocksize=self.block_size,
+                percdamp=self.dampening_frac,
+                module_names=names,
+            )
+            losses = [part.sum() for part in per_module(result.row_losses)]
+            for comp_logger, loss in zip(comp_loggers, losses):
+                comp_logger.set_results(name=self.log_name, loss=loss.item())
+            for unit, fell_back in zip(units, result.used_rtn_fallback.tolist()):
+                if fell_back:
+                    self._rtn_fallback_module_names.extend(self._module_names[m] for m in unit)
+            stack.close()
+            update_batch_qparams(
+                modules, per_module(result.quantized), per_module(result.scale),
+                per_module(result.zero_point), global_scales, quant_args,
+            )
+            self._num_compressed_modules += len(modules)
+
+    def _pop_statistics(self, units) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each unit's normalized H (and D), stacked; the sums leave the dicts."""
+        hessians, asymmetry = [], []
+        for unit in units:
+            hessian = self._hessians[unit[0]]
+            num_samples = self._num_samples[unit[0]].to(hessian.device)
+            hessians.append(hessian / num_samples)
+            if self.needs_full_precision_stream:
+                asymmetry.append(self._asymmetry[unit[0]] / num_samples)
+            for module in unit:
+                for sums in (self._hessians, self._num_samples, self._asymmetry):
+                    sums.pop(module, None)
+        return torch.stack(hessians), torch.stack(asymmetry) if asymmetry else None
 
     def compress_modules(self):
-        self._shared_increments.clear()  # the subgraph's last inputs are not needed now
+        groups = self._collect_statistics()
+        grouped = {module for group in groups for module in group}
+        # modules upstream's own hook calibrated (e.g. Conv2d) have sums of their own
+        groups += [[module] for module in self._hessians if module not in grouped]
         if not is_distributed():
-            return super().compress_modules()
-        # Upstream's distributed branch, except that the results are broadcast also for
+            self.compress_module_list([module for group in groups for module in group])
+            return
+        # Upstream's distributed branch by statistics group: a group's sums are reduced
+        # once and the group is solved on one rank. The results are broadcast also for
         # modules that execute on the CPU: upstream skips those assuming shared-memory
         # offloading, but plain CPU ranks (gloo) hold private copies, and a rank that
         # did not compress a module would go on with its full-precision weights.
-        module_list, rank_to_modules, module_to_rank = greedy_bin_packing(
-            list(self._hessians.keys()),
+        groups, rank_to_groups, group_to_rank = greedy_bin_packing(
+            [tuple(group) for group in groups],
             dist.get_world_size(),
-            item_weight_fn=lambda module: self._hessians[module].shape[0],
+            item_weight_fn=lambda group: self._hessians[group[0]].shape[0] * len(group),
         )
-        self._reduce_hessian_to_target_rank(module_list, module_to_rank)
-        self.compress_module_list(rank_to_modules[dist.get_rank()])
+        self._reduce_statistics_to_target_rank(groups, group_to_rank)
+        self.compress_module_list(
+            [module for group in rank_to_groups[dist.get_rank()] for module in group]
+        )
         broadcast_qparams_and_cleanup(
-            module_list, module_to_rank, _GPTQ_Q_PARAMS, skip_cpu=False
+            [module for group in groups for module in group],
+            {module: group_to_rank[group] for group in groups for module in group},
+            _GPTQ_Q_PARAMS,
+            skip_cpu=False,
         )
 
-    def _reduce_hessian_to_target_rank(self, module_list, module_to_rank):
-        # D is summed over ranks exactly like H, before upstream drops non-target copies.
-        if self.needs_full_precision_stream:
-            rank = dist.get_rank()
-            pending = []
-            for module in module_list:
-                target = module_to_rank[module]
-                pending.append(
-                    dist.reduce(self._asymmetry[module], op=dist.ReduceOp.SUM,
-                                dst=target, async_op=True)
-                )
-            wait_for_comms(pending)
-            for module in module_list:
-                if rank != module_to_rank[module]:
-                    self._asymmetry.pop(module, None)
-        super()._reduce_hessian_to_target_rank(module_list, module_to_rank)
+    def _reduce_statistics_to_target_rank(self, groups, group_to_rank):
+        """Sum H, the sample count and D over ranks onto the rank that solves the group."""
+        rank = dist.get_rank()
+        pending = []
+        for group in groups:
+            for sums in (self._hessians, self._num_samples, self._asymmetry):
+                if group[0] in sums:
+                    pending.append(dist.reduce(sums[group[0]], op=dist.ReduceOp.SUM,
+                                               dst=group_to_rank[group], async_op=True))
+        wait_for_comms(pending)
+        for group in groups:
+            if rank != group_to_rank[group]:
+                for module in group:
+                    for sums in (self._hessians, self._num_samples, self._asymmetry):
+                        sums.pop(module, None)
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         result = super().on_finalize(state, **kwargs)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from llmcompressor.modifiers.gptq.helpers import accumulate_hessian
 
-from rescomp_modifiers.activation_statistics import SharedInputIncrements, compute_increments
+from rescomp_modifiers.activation_statistics import GroupedStatistics, compute_increments
 
 
 def _inputs(seed=0, shape=(2, 5, 8)):
@@ -48,20 +48,60 @@ def test_large_finite_activations_are_accepted():
     assert torch.isfinite(got.hessian).all() and torch.isfinite(got.asymmetry).all()
 
 
-def test_shared_input_is_computed_once_and_changed_input_again():
-    shared = SharedInputIncrements()
+def test_grouped_statistics_equal_per_module_sums_and_share_only_common_inputs(monkeypatch):
+    """Oracle: upstream's own per-module accumulate_hessian (H, bit for bit) and D summed
+    per module from its definition, over batches in which groups form, split (another
+    input, an in-place change) and a module reads its input twice."""
+    import rescomp_modifiers.activation_statistics as statistics
+
+    computed = []
+    monkeypatch.setattr(statistics, "compute_increments",
+                        lambda *args: computed.append(args) or compute_increments(*args))
     cpu = torch.device("cpu")
-    x_q, x_fp = _inputs()
-    first = shared.get(x_q, x_fp.detach(), cpu)
-    # q/k/v: the same x_q object; the FP stash holds a fresh detach() view per module
-    assert shared.get(x_q, x_fp.detach(), cpu) is first
-    x_q.mul_(2)  # in place: same memory, new version, other values
-    second = shared.get(x_q, x_fp, cpu)
-    assert second is not first
-    torch.testing.assert_close(second.hessian, 4 * first.hessian)
-    other_q, other_fp = _inputs(seed=1)
-    third = shared.get(other_q, other_fp, cpu)
-    assert not torch.equal(third.hessian, second.hessian)
-    assert shared.get(other_q, None, cpu) is not third  # H only: no D in the reused entry
-    shared.clear()
-    assert shared.get(other_q, other_fp, cpu) is not third
+    modules = {name: torch.nn.Linear(8, 3) for name in "abcdefg"}
+    calls = []  # (module name, x_q, x_fp) in hook order
+
+    def batch(seed, reads):
+        x = {key: _inputs(seed * 10 + index) for index, key in enumerate("xyz")}
+        for name, key in reads:
+            if name == "mutate":
+                x["x"][0].mul_(2)  # same memory, new version
+                continue
+            x_q, x_fp = x[key]
+            calls.append((name, x_q.clone(), x_fp.clone()))
+            store.add(modules[name], x_q, x_fp.detach(), cpu)  # the FP stash: fresh views
+
+    store = statistics.GroupedStatistics()
+    batch(1, [("a", "x"), ("b", "x"), ("c", "x"), ("d", "y"), ("f", "z"), ("g", "z")])
+    batch(2, [("a", "x"), ("b", "x"), ("c", "y"), ("d", "z"), ("d", "z"),
+              ("f", "z"), ("g", "z")])
+    batch(3, [("a", "x"), ("mutate", None), ("b", "x"), ("c", "y"), ("e", "y"),
+              ("f", "z"), ("g", "z")])
+    assert len(computed) == 3 + 3 + 4  # once per distinct input (and version)
+
+    groups = store.pop_all()
+    names = {id(module): name for name, module in modules.items()}
+    membership = sorted("".join(sorted(names[id(m)] for m in g.members)) for g in groups)
+    assert membership == ["a", "b", "c", "d", "e", "fg"]
+    for sums in groups:
+        for module in sums.members:
+            name = names[id(module)]
+            hessian, count = torch.zeros(8, 8), torch.zeros(())
+            asymmetry = torch.zeros(8, 8, dtype=torch.float64)
+            for called, x_q, x_fp in calls:
+                if called == name:
+                    hessian, count = accumulate_hessian(x_q, module, hessian, count)
+                    q, fp = x_q.reshape(-1, 8).double(), x_fp.reshape(-1, 8).double()
+                    asymmetry += 2 * (fp - q).T @ q
+            assert torch.equal(sums.hessian, hessian), name
+            assert sums.num_samples == count, name
+            torch.testing.assert_close(sums.asymmetry.double(), asymmetry, rtol=1e-4, atol=1e-5)
+    assert store.pop_all() == []
+
+
+def test_grouped_statistics_without_the_fp_stream_hold_no_asymmetry():
+    store = GroupedStatistics()
+    x_q, _ = _inputs()
+    store.add(torch.nn.Linear(8, 2), x_q, None, torch.device("cpu"))
+    (sums,) = store.pop_all()
+    assert sums.asymmetry is None and sums.num_samples == 2

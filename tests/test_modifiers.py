@@ -45,9 +45,11 @@ def solver_calls(monkeypatch):
     original = modifiers_module.compensate_weight
 
     def recording(*args, **kwargs):
-        for index, name in enumerate(kwargs["module_names"]):
-            asymmetry = kwargs.get("asymmetry")
-            calls[name] = None if asymmetry is None else asymmetry[index].clone()
+        # a batch item is one module or modules row-stacked on shared statistics
+        for index, item in enumerate(kwargs["module_names"]):
+            for name in item.split(" + "):
+                asymmetry = kwargs.get("asymmetry")
+                calls[name] = None if asymmetry is None else asymmetry[index].clone()
         return original(*args, **kwargs)
 
     monkeypatch.setattr(modifiers_module, "compensate_weight", recording)
@@ -95,25 +97,40 @@ def test_yaml_recipe_sees_both_streams(tiny_model_dir, solver_calls, name, extra
     assert drift and drift[-1].mse > 0
 
 
-def test_modules_sharing_an_input_share_one_statistics_computation(
-        tiny_model_dir, solver_calls, monkeypatch):
+def test_modules_sharing_an_input_share_one_statistics_computation_and_solve(
+        tiny_model_dir, monkeypatch):
     """q/k/v and gate/up read the same tensor: 4 computations per layer and batch, not 7,
-    and every module still gets its own (equal) D."""
+    and 4 solves per layer, q/k/v and gate/up each as one row-stacked weight."""
     import rescomp_modifiers.activation_statistics as statistics
 
-    calls = []
+    calls, solved = [], []
     original = statistics.compute_increments
     monkeypatch.setattr(statistics, "compute_increments",
                         lambda *args: calls.append(args) or original(*args))
+    original_solve = modifiers_module.compensate_weight
+    monkeypatch.setattr(modifiers_module, "compensate_weight",
+                        lambda *args, **kwargs: solved.extend(kwargs["module_names"])
+                        or original_solve(*args, **kwargs))
     model = run_oneshot(tiny_model_dir, [GPTAQModifier(ignore=IGNORE, config_groups=GROUP32)],
                         batch_size=4)  # 8 samples: 2 batches
     layers = len(model.model.layers)
     assert len(calls) == layers * 2 * 4
-    layer1 = "model.layers.1.self_attn."
-    assert torch.equal(solver_calls[layer1 + "q_proj"], solver_calls[layer1 + "v_proj"])
-    # gate_proj reads another tensor of the same width (after the attention block)
-    assert not torch.equal(solver_calls[layer1 + "q_proj"],
-                           solver_calls["model.layers.1.mlp.gate_proj"])
+    assert len(solved) == layers * 4
+    layer1 = "model.layers.1."
+    assert f"{layer1}self_attn.q_proj + {layer1}self_attn.k_proj + {layer1}self_attn.v_proj" in solved
+    assert f"{layer1}mlp.gate_proj + {layer1}mlp.up_proj" in solved
+
+
+def test_row_stacked_solve_equals_one_solve_per_module(tiny_model_dir, monkeypatch):
+    """Oracle: the same CAE run with stacking turned off (every module solved alone)."""
+    recipe = [CAEModifier(ignore=IGNORE, config_groups=GROUP32, semantics="paper")]
+    stacked = run_oneshot(tiny_model_dir, recipe).state_dict()
+    monkeypatch.setattr(modifiers_module, "_row_stackable", lambda modules: False)
+    recipe = [CAEModifier(ignore=IGNORE, config_groups=GROUP32, semantics="paper")]
+    alone = run_oneshot(tiny_model_dir, recipe).state_dict()
+    assert stacked.keys() == alone.keys()
+    for key in alone:
+        assert torch.equal(stacked[key], alone[key]), key
 
 
 @pytest.mark.parametrize("tiny_model_dir", ["qwen3", "qwen3_moe"], indirect=True)
