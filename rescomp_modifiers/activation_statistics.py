@@ -51,18 +51,32 @@ class StatisticsIncrements:
     """What one batch adds to a module's sums."""
 
     hessian: torch.Tensor  #: ``2 x_q^T x_q``
-    asymmetry: torch.Tensor | None  #: ``2 (x_fp - x_q)^T x_q``, None without the FP stream
+    #: ``(2 (x_fp - x_q), x_q)``, ``[tokens, features]`` each, whose product ``left^T
+    #: right`` is D's increment; None without the FP stream. The product is formed by
+    #: :meth:`SharedSums.add` straight into the sums (one GEMM with beta = 1, no
+    #: ``features^2`` temporary, add and scaling pass per batch).
+    asymmetry_factors: tuple[torch.Tensor, torch.Tensor] | None
     num_samples: int
+
+    @property
+    def asymmetry(self) -> torch.Tensor | None:
+        """``2 (x_fp - x_q)^T x_q``, formed on demand."""
+        if self.asymmetry_factors is None:
+            return None
+        left, right = self.asymmetry_factors
+        return left.t().matmul(right)
 
 
 def compute_increments(inp: torch.Tensor, fp_inp: torch.Tensor | None,
                        device: torch.device) -> StatisticsIncrements:
+    """The batch's increments. NaN or Inf in the activations is not checked here: it
+    reaches the sums, which the solver refuses with a clear message before writing."""
     x_q, num_samples = _observations(inp, device)
     # The same operations, in the same order, as upstream's accumulate_hessian, so H is
     # bit-identical to stock GPTQModifier's (the a = 0 GPTAQ test compares checkpoints).
     scaled = math.sqrt(2) * x_q.t().to(dtype=GPTQ_PRECISION)
     hessian = scaled.matmul(scaled.t())
-    asymmetry = None
+    factors = None
     if fp_inp is not None:
         if fp_inp.shape != inp.shape:
             raise ValueError(
@@ -70,29 +84,13 @@ def compute_increments(inp: torch.Tensor, fp_inp: torch.Tensor | None,
                 f"{tuple(fp_inp.shape)} vs {tuple(inp.shape)}: the two streams routed "
                 "tokens differently (for MoE models keep moe_calibrate_all_experts=True)."
             )
-        x_q = x_q.to(dtype=GPTQ_PRECISION)
+        # copies: D's product is formed later (when the readers are known), and the
+        # model may change its input in place meanwhile
+        x_q = x_q.to(dtype=GPTQ_PRECISION, copy=True)
         x_fp = _observations(fp_inp, device)[0].to(dtype=GPTQ_PRECISION)
-        asymmetry = (x_fp - x_q).t().matmul(x_q).mul_(2.0)
-        if not _all_finite(hessian, asymmetry):
-            raise ValueError(
-                "NaN or Inf in the calibration activations: check the model dtype "
-                "(fp16 overflow) and the calibration data."
-            )
-    return StatisticsIncrements(hessian, asymmetry, num_samples)
-
-
-def _all_finite(*tensors: torch.Tensor) -> bool:
-    """Whether the tensors hold no NaN or Inf; an input's NaN or Inf reaches its products.
-
-    A non-finite entry makes the sum non-finite, so one reduction per tensor settles
-    the usual case; only a sum that overflows from finite entries needs the elementwise
-    check. (The elementwise check on every batch was 8% of a GPTAQ+CAE oneshot on
-    SmolLM2, py-spy: a boolean features^2 tensor per product.)
-    """
-    total = sum(tensor.sum() for tensor in tensors)
-    if bool(torch.isfinite(total)):
-        return True
-    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
+        # doubling is exact in floating point: on tokens x features, not features^2
+        factors = ((x_fp - x_q).mul_(2.0), x_q)
+    return StatisticsIncrements(hessian, factors, num_samples)
 
 
 def _same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -115,7 +113,7 @@ class SharedSums:
     @classmethod
     def zeros_like(cls, increments: StatisticsIncrements, members) -> "SharedSums":
         hessian = torch.zeros_like(increments.hessian)
-        asymmetry = None if increments.asymmetry is None else torch.zeros_like(hessian)
+        asymmetry = None if increments.asymmetry_factors is None else torch.zeros_like(hessian)
         return cls(list(members), hessian, asymmetry, torch.zeros((), device=hessian.device))
 
     def copy_for(self, members) -> "SharedSums":
@@ -129,7 +127,8 @@ class SharedSums:
             self.num_samples += increments.num_samples
             self.hessian += increments.hessian
             if self.asymmetry is not None:
-                self.asymmetry += increments.asymmetry
+                left, right = increments.asymmetry_factors
+                self.asymmetry.addmm_(left.t(), right)
 
 
 @dataclass
