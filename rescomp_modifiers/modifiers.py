@@ -216,7 +216,9 @@ class CompensationModifier(GPTQModifier):
         rows = [[module.weight.shape[0] for module in unit] for unit in units]
 
         def per_module(stacked: torch.Tensor) -> list[torch.Tensor]:
-            return [part for item, item_rows in zip(stacked, rows) for part in item.split(item_rows)]
+            # a one-module item may hold a tensor-wide scale: only stacks are split
+            return [part for item, item_rows in zip(stacked, rows)
+                    for part in (item.split(item_rows) if len(item_rows) > 1 else [item])]
 
         with torch.no_grad(), disable_offloading(), contextlib.ExitStack() as stack:
             hessians, asymmetry = self._pop_statistics(units)

@@ -163,15 +163,22 @@ def _check_reload(model, model_dir, tmp_path):
     assert not list(tmp_path.glob(".*partial*"))
 
 
-def test_gptaq_with_zero_coefficient_is_stock_gptq(tiny_model_dir):
-    """Same data, same order: the dual-stream pipeline feeds upstream's quantized stream."""
+@pytest.mark.parametrize("strategy", ["group", "channel", "tensor"])
+def test_gptaq_with_zero_coefficient_is_stock_gptq(tiny_model_dir, strategy):
+    """Same data, same order: the dual-stream pipeline feeds upstream's quantized stream.
+    Group and channel scales solve q/k/v and gate/up row-stacked; a tensor-wide scale
+    solves each module alone from the shared sums."""
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": strategy}
+    if strategy == "group":
+        weights["group_size"] = 32
+    groups = {"group_0": {"targets": ["Linear"], "weights": weights}}
     ours = run_oneshot(
         tiny_model_dir,
-        [GPTAQModifier(ignore=IGNORE, config_groups=GROUP32, asymmetric_coefficient=0.0)],
+        [GPTAQModifier(ignore=IGNORE, config_groups=groups, asymmetric_coefficient=0.0)],
         shuffle_calibration_samples=False,
     )
     stock = run_oneshot(
-        tiny_model_dir, [GPTQModifier(ignore=IGNORE, config_groups=GROUP32)],
+        tiny_model_dir, [GPTQModifier(ignore=IGNORE, config_groups=groups)],
         shuffle_calibration_samples=False,
     )
     ours_state, stock_state = ours.state_dict(), stock.state_dict()
