@@ -163,22 +163,25 @@ def _check_reload(model, model_dir, tmp_path):
     assert not list(tmp_path.glob(".*partial*"))
 
 
-@pytest.mark.parametrize("strategy", ["group", "channel", "tensor"])
+@pytest.mark.parametrize("strategy", ["group", "channel", "tensor", "NVFP4A16"])
 def test_gptaq_with_zero_coefficient_is_stock_gptq(tiny_model_dir, strategy):
     """Same data, same order: the dual-stream pipeline feeds upstream's quantized stream.
     Group and channel scales solve q/k/v and gate/up row-stacked; a tensor-wide scale
-    solves each module alone from the shared sums."""
-    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": strategy}
-    if strategy == "group":
-        weights["group_size"] = 32
-    groups = {"group_0": {"targets": ["Linear"], "weights": weights}}
+    or a per-module global scale (NVFP4) solves each module alone from the shared sums."""
+    if strategy == "NVFP4A16":
+        scheme = {"scheme": "NVFP4A16", "targets": ["Linear"]}
+    else:
+        weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": strategy}
+        if strategy == "group":
+            weights["group_size"] = 32
+        scheme = {"config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}
     ours = run_oneshot(
         tiny_model_dir,
-        [GPTAQModifier(ignore=IGNORE, config_groups=groups, asymmetric_coefficient=0.0)],
+        [GPTAQModifier(ignore=IGNORE, asymmetric_coefficient=0.0, **scheme)],
         shuffle_calibration_samples=False,
     )
     stock = run_oneshot(
-        tiny_model_dir, [GPTQModifier(ignore=IGNORE, config_groups=groups)],
+        tiny_model_dir, [GPTQModifier(ignore=IGNORE, **scheme)],
         shuffle_calibration_samples=False,
     )
     ours_state, stock_state = ours.state_dict(), stock.state_dict()
