@@ -46,37 +46,55 @@ def _observations(inp: torch.Tensor, device: torch.device) -> tuple[torch.Tensor
     return inp.reshape(-1, inp.shape[-1]), inp.shape[0]
 
 
+#: rows per GEMM when H is summed by its upper blocks: with ``k`` blocks the products
+#: cost ``(1 + 1/k) / 2`` of the full ``x^T x`` (measured at 256 tokens on 2 cores:
+#: 1536 features 6.6 -> 4.4 ms, 576 features 0.85 -> 0.7 ms)
+HESSIAN_BLOCK_ROWS = 256
+
+
 @dataclass
 class StatisticsIncrements:
     """What one batch adds to a module's sums."""
 
-    hessian: torch.Tensor  #: ``2 x_q^T x_q``
-    #: ``(2 (x_fp - x_q), x_q)``, ``[tokens, features]`` each, whose product ``left^T
-    #: right`` is D's increment; None without the FP stream. The product is formed by
-    #: :meth:`SharedSums.add` straight into the sums (one GEMM with beta = 1, no
-    #: ``features^2`` temporary, add and scaling pass per batch).
-    asymmetry_factors: tuple[torch.Tensor, torch.Tensor] | None
+    #: ``2 x_q^T x_q`` formed as upstream does (bit-identical to its H), or None when the
+    #: sums form it from ``observations`` by upper blocks (:meth:`SharedSums.add`)
+    hessian: torch.Tensor | None
+    #: ``x_q`` as ``[tokens, features]`` in GPTQ's precision, a copy (the products
+    #: formed later must not see in-place changes of the model's tensors); None when
+    #: nothing is formed later
+    observations: torch.Tensor | None
+    #: ``2 (x_fp - x_q)``, ``[tokens, features]``: D's increment is ``difference^T
+    #: observations``, formed straight into the sums (one GEMM with beta = 1, no
+    #: ``features^2`` temporary, add or scaling pass per batch); None without the FP stream
+    difference: torch.Tensor | None
     num_samples: int
 
     @property
     def asymmetry(self) -> torch.Tensor | None:
         """``2 (x_fp - x_q)^T x_q``, formed on demand."""
-        if self.asymmetry_factors is None:
+        if self.difference is None:
             return None
-        left, right = self.asymmetry_factors
-        return left.t().matmul(right)
+        return self.difference.t().matmul(self.observations)
 
 
 def compute_increments(inp: torch.Tensor, fp_inp: torch.Tensor | None,
-                       device: torch.device) -> StatisticsIncrements:
+                       device: torch.device, exact_hessian: bool = True) -> StatisticsIncrements:
     """The batch's increments. NaN or Inf in the activations is not checked here: it
-    reaches the sums, which the solver refuses with a clear message before writing."""
+    reaches the sums, which the solver refuses with a clear message before writing.
+
+    :param exact_hessian: form H's increment exactly as upstream's ``accumulate_hessian``
+        (needed where the checkpoint must equal stock GPTQModifier's); otherwise the
+        sums form only its upper blocks
+    """
     x_q, num_samples = _observations(inp, device)
-    # The same operations, in the same order, as upstream's accumulate_hessian, so H is
-    # bit-identical to stock GPTQModifier's (the a = 0 GPTAQ test compares checkpoints).
-    scaled = math.sqrt(2) * x_q.t().to(dtype=GPTQ_PRECISION)
-    hessian = scaled.matmul(scaled.t())
-    factors = None
+    hessian = None
+    if exact_hessian:
+        # The same operations, in the same order, as upstream's accumulate_hessian.
+        scaled = math.sqrt(2) * x_q.t().to(dtype=GPTQ_PRECISION)
+        hessian = scaled.matmul(scaled.t())
+    if exact_hessian and fp_inp is None:
+        return StatisticsIncrements(hessian, None, None, num_samples)
+    difference = None
     if fp_inp is not None:
         if fp_inp.shape != inp.shape:
             raise ValueError(
@@ -84,13 +102,31 @@ def compute_increments(inp: torch.Tensor, fp_inp: torch.Tensor | None,
                 f"{tuple(fp_inp.shape)} vs {tuple(inp.shape)}: the two streams routed "
                 "tokens differently (for MoE models keep moe_calibrate_all_experts=True)."
             )
-        # copies: D's product is formed later (when the readers are known), and the
-        # model may change its input in place meanwhile
-        x_q = x_q.to(dtype=GPTQ_PRECISION, copy=True)
+    x_q = x_q.to(dtype=GPTQ_PRECISION, copy=True)
+    if fp_inp is not None:
         x_fp = _observations(fp_inp, device)[0].to(dtype=GPTQ_PRECISION)
         # doubling is exact in floating point: on tokens x features, not features^2
-        factors = ((x_fp - x_q).mul_(2.0), x_q)
-    return StatisticsIncrements(hessian, factors, num_samples)
+        difference = (x_fp - x_q).mul_(2.0)
+    return StatisticsIncrements(hessian, x_q, difference, num_samples)
+
+
+def add_upper_blocks(hessian: torch.Tensor, observations: torch.Tensor) -> None:
+    """``hessian += 2 x^T x`` on the blocks on and above the diagonal only.
+
+    H is symmetric: the strictly lower blocks are left alone (zero in the sums) and
+    :func:`symmetrize_upper_blocks` fills them once at the end.
+    """
+    columns = observations.shape[1]
+    for start in range(0, columns, HESSIAN_BLOCK_ROWS):
+        stop = min(start + HESSIAN_BLOCK_ROWS, columns)
+        hessian[start:stop, start:].addmm_(
+            observations[:, start:stop].t(), observations[:, start:], alpha=2.0
+        )
+
+
+def symmetrize_upper_blocks(hessian: torch.Tensor) -> torch.Tensor:
+    """The full symmetric matrix from its upper triangle."""
+    return torch.triu(hessian) + torch.triu(hessian, 1).t()
 
 
 def _same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -106,29 +142,45 @@ class SharedSums:
     batch so far (q/k/v, gate/up): one set of sums, one solve for all of them."""
 
     members: list[torch.nn.Module]
+    #: H; while summing by upper blocks (``upper_blocks``) its strictly lower blocks are 0
     hessian: torch.Tensor
     asymmetry: torch.Tensor | None
     num_samples: torch.Tensor
+    upper_blocks: bool = False
 
     @classmethod
     def zeros_like(cls, increments: StatisticsIncrements, members) -> "SharedSums":
-        hessian = torch.zeros_like(increments.hessian)
-        asymmetry = None if increments.asymmetry_factors is None else torch.zeros_like(hessian)
-        return cls(list(members), hessian, asymmetry, torch.zeros((), device=hessian.device))
+        columns = increments.observations.shape[1] if increments.hessian is None else (
+            increments.hessian.shape[0])
+        device = (increments.observations if increments.hessian is None
+                  else increments.hessian).device
+        hessian = torch.zeros((columns, columns), device=device, dtype=GPTQ_PRECISION)
+        asymmetry = None if increments.difference is None else torch.zeros_like(hessian)
+        return cls(list(members), hessian, asymmetry, torch.zeros((), device=device),
+                   upper_blocks=increments.hessian is None)
 
     def copy_for(self, members) -> "SharedSums":
         asymmetry = None if self.asymmetry is None else self.asymmetry.clone()
         return SharedSums(list(members), self.hessian.clone(), asymmetry,
-                          self.num_samples.clone())
+                          self.num_samples.clone(), self.upper_blocks)
 
     def add(self, increments: StatisticsIncrements, times: int) -> None:
         # one add per call, as upstream's hook does for a module called twice on a batch
         for _ in range(times):
             self.num_samples += increments.num_samples
-            self.hessian += increments.hessian
+            if self.upper_blocks:
+                add_upper_blocks(self.hessian, increments.observations)
+            else:
+                self.hessian += increments.hessian
             if self.asymmetry is not None:
-                left, right = increments.asymmetry_factors
-                self.asymmetry.addmm_(left.t(), right)
+                self.asymmetry.addmm_(increments.difference.t(), increments.observations)
+
+    def finished(self) -> "SharedSums":
+        """The sums with H whole (its lower blocks filled by symmetry)."""
+        if self.upper_blocks:
+            self.hessian = symmetrize_upper_blocks(self.hessian)
+            self.upper_blocks = False
+        return self
 
 
 @dataclass
@@ -159,13 +211,16 @@ class GroupedStatistics:
     modules read this one: modules that read the same input in every batch keep one set
     of :class:`SharedSums`; a module that ever reads something else than its group
     leaves it with a copy of the sums so far, so every module's sums are exactly what
-    upstream's per-module accumulation gives.
+    per-module accumulation gives (with ``exact_hessian``, upstream's H bit for bit).
 
     The pending input tensors are held until the flush, so their memory cannot be
     reused by a later batch at the same address.
     """
 
-    def __init__(self):
+    def __init__(self, exact_hessian: bool = True):
+        #: H's increments as upstream forms them (bit-identical sums); False sums only
+        #: its upper blocks (:func:`add_upper_blocks`), about 40% fewer flops for H
+        self.exact_hessian = exact_hessian
         self._sums: dict[torch.nn.Module, SharedSums] = {}
         self._pending: _Pending | None = None
 
@@ -177,7 +232,7 @@ class GroupedStatistics:
             pending.consumers.append(module)
             return
         self.flush()  # releases the old inputs before computing new increments
-        increments = compute_increments(inp, fp_inp, device)
+        increments = compute_increments(inp, fp_inp, device, self.exact_hessian)
         self._pending = _Pending((inp, fp_inp, _versions(inp, fp_inp), device), increments,
                                  [module])
 
@@ -208,7 +263,8 @@ class GroupedStatistics:
     def pop_all(self) -> list[SharedSums]:
         """Every module's sums, each shared set once; the store is empty afterwards."""
         self.flush()
-        unique = list({id(sums): sums for sums in self._sums.values()}.values())
+        unique = [sums.finished()
+                  for sums in {id(sums): sums for sums in self._sums.values()}.values()]
         self._sums.clear()
         return unique
 

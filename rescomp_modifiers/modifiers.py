@@ -108,6 +108,16 @@ class CompensationModifier(GPTQModifier):
         """Coefficients the user set (None keeps the semantics' default)."""
         return {}
 
+    @property
+    def exact_upstream_hessian(self) -> bool:
+        """Whether H is summed exactly as upstream's (bit-identical): only where the
+        result must be stock GPTQ's, every term off (the coefficients do not depend on
+        the bit width). Otherwise it is summed by its upper blocks, about 40% fewer flops
+        for H."""
+        return self.compensation_terms(4).is_plain_gptq(
+            has_asymmetry=self.needs_full_precision_stream
+        )
+
     def compensation_terms(self, num_bits: int) -> CompensationTerms:
         terms = CompensationTerms.for_method(self.resolved_method(), self.semantics, num_bits)
         return terms.with_overrides(
@@ -128,6 +138,7 @@ class CompensationModifier(GPTQModifier):
                 "`pipeline` unset or set `pipeline='dual_stream'`."
             )
         super().on_calibration_start(state, event, **kwargs)
+        self._statistics.exact_hessian = self.exact_upstream_hessian
         if self._fp_stream is not None:
             self._fp_stream.watch(self._hooked_modules())
 

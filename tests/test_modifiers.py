@@ -163,6 +163,14 @@ def _check_reload(model, model_dir, tmp_path):
     assert not list(tmp_path.glob(".*partial*"))
 
 
+def test_hessian_is_upstreams_exactly_where_the_result_must_be_stock_gptq():
+    assert GPTAQModifier(asymmetric_coefficient=0.0, scheme="W4A16").exact_upstream_hessian
+    for modifier in (GPTAQModifier(scheme="W4A16"), CAEModifier(scheme="W4A16"),
+                     CAEModifier(scheme="W4A16", statistics="gptq"),
+                     FOEMModifier(scheme="W4A16")):
+        assert not modifier.exact_upstream_hessian, modifier
+
+
 @pytest.mark.parametrize("strategy", ["group", "channel", "tensor", "NVFP4A16"])
 def test_gptaq_with_zero_coefficient_is_stock_gptq(tiny_model_dir, strategy):
     """Same data, same order: the dual-stream pipeline feeds upstream's quantized stream.
