@@ -110,6 +110,15 @@ def main() -> None:
         cuda = median(method, "cuda_peak_mib")
         print(f"| {method} | {wall:.1f} | {wall / base_wall:.2f} | {rss:.0f} | {rss / base_rss:.2f} | "
               f"{added:.0f} | {added / base_added:.2f} | {'-' if cuda is None else f'{cuda:.0f}'} |")
+    # The machine's speed drifts between runs (on a shared 2-core VM GPTQ alone took
+    # 59-77 s); a round runs every method back to back, so its ratios are paired.
+    print("\nPaired wall-time ratios to GPTQ, per round (order alternates by round):\n")
+    print("| method | per round | median |")
+    print("|---|---|---|")
+    for method in args.methods:
+        ratios = [r["wall_s"] / g["wall_s"] for r, g in zip(results[method], results["gptq"])]
+        print(f"| {method} | {', '.join(f'{x:.2f}' for x in ratios)} | "
+              f"{statistics.median(ratios):.2f} |")
     print("\nTargets: gptaq_cae <= 1.3x GPTQ wall time, <= 1.6x peak memory.")
 
 
