@@ -183,28 +183,30 @@ class CompensationModifier(GPTQModifier):
             self._fp_stream.unwatch(self._hooked_modules())
 
     # -- compression -------------------------------------------------------------------
-    def _collect_statistics(self) -> list[list[torch.nn.Module]]:
-        """Move the grouped sums into upstream's per-module dicts (members of a group
-        share the same tensors) and return the groups, each a list of modules."""
-        groups = []
+    def _collect_statistics(self) -> None:
+        """Move the grouped sums into upstream's per-module dicts; the members of a
+        group share the same tensors."""
         for sums in self._statistics.pop_all():
             for module in sums.members:
                 self._hessians[module] = sums.hessian
                 self._num_samples[module] = sums.num_samples
                 if sums.asymmetry is not None:
                     self._asymmetry[module] = sums.asymmetry
-            groups.append(sums.members)
-        return groups
+
+    def _statistics_groups(self, modules) -> list[list[torch.nn.Module]]:
+        """The modules grouped by the sums they share (q/k/v, gate/up); modules that
+        upstream's own hook calibrated (e.g. Conv2d) have sums of their own."""
+        by_sums: dict[int, list[torch.nn.Module]] = {}
+        for module in modules:
+            by_sums.setdefault(id(self._hessians[module]), []).append(module)
+        return list(by_sums.values())
 
     def compress_module_list(self, module_list):
         """Solve the modules: a group that shares its statistics (q/k/v, gate/up) as one
         row-stacked weight when its rows can be quantized independently, the rest in
         upstream's batches of same-shape modules."""
-        by_sums: dict[int, list[torch.nn.Module]] = {}
-        for module in module_list:
-            by_sums.setdefault(id(self._hessians[module]), []).append(module)
         stacked, singles = [], []
-        for members in by_sums.values():
+        for members in self._statistics_groups(module_list):
             if len(members) > 1 and _row_stackable(members):
                 stacked.append([members])
             else:
@@ -291,12 +293,9 @@ class CompensationModifier(GPTQModifier):
         return torch.stack(hessians), torch.stack(asymmetry) if asymmetry else None
 
     def compress_modules(self):
-        groups = self._collect_statistics()
-        grouped = {module for group in groups for module in group}
-        # modules upstream's own hook calibrated (e.g. Conv2d) have sums of their own
-        groups += [[module] for module in self._hessians if module not in grouped]
+        self._collect_statistics()
         if not is_distributed():
-            self.compress_module_list([module for group in groups for module in group])
+            self.compress_module_list(list(self._hessians))
             return
         # Upstream's distributed branch by statistics group: a group's sums are reduced
         # once and the group is solved on one rank. The results are broadcast also for
@@ -304,7 +303,7 @@ class CompensationModifier(GPTQModifier):
         # offloading, but plain CPU ranks (gloo) hold private copies, and a rank that
         # did not compress a module would go on with its full-precision weights.
         groups, rank_to_groups, group_to_rank = greedy_bin_packing(
-            [tuple(group) for group in groups],
+            [tuple(group) for group in self._statistics_groups(self._hessians)],
             dist.get_world_size(),
             item_weight_fn=lambda group: self._hessians[group[0]].shape[0] * len(group),
         )
