@@ -69,13 +69,6 @@ class StatisticsIncrements:
     difference: torch.Tensor | None
     num_samples: int
 
-    @property
-    def asymmetry(self) -> torch.Tensor | None:
-        """``2 (x_fp - x_q)^T x_q``, formed on demand."""
-        if self.difference is None:
-            return None
-        return self.difference.t().matmul(self.observations)
-
 
 def compute_increments(inp: torch.Tensor, fp_inp: torch.Tensor | None,
                        device: torch.device, exact_hessian: bool = True) -> StatisticsIncrements:
@@ -86,23 +79,22 @@ def compute_increments(inp: torch.Tensor, fp_inp: torch.Tensor | None,
         (needed where the checkpoint must equal stock GPTQModifier's); otherwise the
         sums form only its upper blocks
     """
+    if fp_inp is not None and fp_inp.shape != inp.shape:
+        raise ValueError(
+            f"The full-precision and quantized inputs have different shapes "
+            f"{tuple(fp_inp.shape)} vs {tuple(inp.shape)}: the two streams routed "
+            "tokens differently (for MoE models keep moe_calibrate_all_experts=True)."
+        )
     x_q, num_samples = _observations(inp, device)
     hessian = None
     if exact_hessian:
         # The same operations, in the same order, as upstream's accumulate_hessian.
         scaled = math.sqrt(2) * x_q.t().to(dtype=GPTQ_PRECISION)
         hessian = scaled.matmul(scaled.t())
-    if exact_hessian and fp_inp is None:
-        return StatisticsIncrements(hessian, None, None, num_samples)
-    difference = None
-    if fp_inp is not None:
-        if fp_inp.shape != inp.shape:
-            raise ValueError(
-                f"The full-precision and quantized inputs have different shapes "
-                f"{tuple(fp_inp.shape)} vs {tuple(inp.shape)}: the two streams routed "
-                "tokens differently (for MoE models keep moe_calibrate_all_experts=True)."
-            )
+        if fp_inp is None:
+            return StatisticsIncrements(hessian, None, None, num_samples)
     x_q = x_q.to(dtype=GPTQ_PRECISION, copy=True)
+    difference = None
     if fp_inp is not None:
         x_fp = _observations(fp_inp, device)[0].to(dtype=GPTQ_PRECISION)
         # doubling is exact in floating point: on tokens x features, not features^2
@@ -150,10 +142,9 @@ class SharedSums:
 
     @classmethod
     def zeros_like(cls, increments: StatisticsIncrements, members) -> "SharedSums":
-        columns = increments.observations.shape[1] if increments.hessian is None else (
-            increments.hessian.shape[0])
-        device = (increments.observations if increments.hessian is None
-                  else increments.hessian).device
+        # [features, features] or [tokens, features]: the last size is the width either way
+        source = increments.observations if increments.hessian is None else increments.hessian
+        device, columns = source.device, source.shape[-1]
         hessian = torch.zeros((columns, columns), device=device, dtype=GPTQ_PRECISION)
         asymmetry = None if increments.difference is None else torch.zeros_like(hessian)
         return cls(list(members), hessian, asymmetry, torch.zeros((), device=device),
@@ -267,7 +258,3 @@ class GroupedStatistics:
                   for sums in {id(sums): sums for sums in self._sums.values()}.values()]
         self._sums.clear()
         return unique
-
-    def clear(self) -> None:
-        self._pending = None
-        self._sums.clear()

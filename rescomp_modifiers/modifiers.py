@@ -223,7 +223,7 @@ class CompensationModifier(GPTQModifier):
         modules = [module for unit in units for module in unit]
         quant_args = getattr_chain(modules[0], "quantization_scheme.weights")
         terms = self.compensation_terms(quant_args.num_bits)
-        qparams = [module.weight_observer.get_qparams() for module in modules]
+        qparams = {module: module.weight_observer.get_qparams() for module in modules}
         names = [" + ".join(self._module_names[module] for module in unit) for unit in units]
         logger.info(f"Quantizing {len(modules)} module(s) with {self.log_name}: {names}")
         rows = [[module.weight.shape[0] for module in unit] for unit in units]
@@ -238,25 +238,22 @@ class CompensationModifier(GPTQModifier):
             weights = torch.stack(
                 [torch.cat([module.weight for module in unit]) for unit in units]
             ).to(dtype=GPTQ_PRECISION)
-            index = 0
-            scales, zero_points = [], []
-            for unit in units:
-                unit_qparams = qparams[index:index + len(unit)]
-                index += len(unit)
-                scales.append(torch.cat([q["scale"] for q in unit_qparams]))
-                zero_points.append(torch.cat([q["zero_point"] for q in unit_qparams]))
+            scales, zero_points = (
+                torch.stack([torch.cat([qparams[m][key] for m in unit]) for unit in units])
+                for key in ("scale", "zero_point")
+            )
             # a global scale is per module: units of one module only (_row_stackable)
             global_scales = (
-                torch.stack([q["global_scale"].reshape(-1)[0] for q in qparams])
-                if qparams[0]["global_scale"] is not None
+                torch.stack([qparams[m]["global_scale"].reshape(-1)[0] for m in modules])
+                if qparams[modules[0]]["global_scale"] is not None
                 else None
             )
             comp_loggers = [stack.enter_context(CompressionLogger(module)) for module in modules]
             result = compensate_weight(
                 weights,
                 hessians,
-                torch.stack(scales),
-                torch.stack(zero_points),
+                scales,
+                zero_points,
                 global_scales,
                 quant_args,
                 asymmetry=None if asymmetry is None else asymmetry.to(weights.device),
@@ -287,10 +284,13 @@ class CompensationModifier(GPTQModifier):
             hessians.append(hessian / num_samples)
             if self.needs_full_precision_stream:
                 asymmetry.append(self._asymmetry[unit[0]] / num_samples)
-            for module in unit:
-                for sums in (self._hessians, self._num_samples, self._asymmetry):
-                    sums.pop(module, None)
+            self._forget_statistics(unit)
         return torch.stack(hessians), torch.stack(asymmetry) if asymmetry else None
+
+    def _forget_statistics(self, modules) -> None:
+        for module in modules:
+            for sums in (self._hessians, self._num_samples, self._asymmetry):
+                sums.pop(module, None)
 
     def compress_modules(self):
         self._collect_statistics()
@@ -330,9 +330,7 @@ class CompensationModifier(GPTQModifier):
         wait_for_comms(pending)
         for group in groups:
             if rank != group_to_rank[group]:
-                for module in group:
-                    for sums in (self._hessians, self._num_samples, self._asymmetry):
-                        sums.pop(module, None)
+                self._forget_statistics(group)
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         result = super().on_finalize(state, **kwargs)
