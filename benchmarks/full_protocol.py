@@ -11,7 +11,7 @@ outputs/full_protocol/. Several hours on 2 CPU cores; minutes on a GPU.
 
 import argparse
 
-from rescomp_modifiers.compare import CompareConfig, run_comparison
+from rescomp_harness.compare import CompareConfig, run_comparison
 
 
 def main() -> None:

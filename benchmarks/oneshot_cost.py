@@ -28,9 +28,9 @@ def worker(args) -> None:
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rescomp_modifiers.assets import brown_documents, resolve_model
-    from rescomp_modifiers.compare import CompareConfig, build_recipe
-    from rescomp_modifiers.data import calibration_dataset
+    from rescomp_harness.assets import brown_documents, resolve_model
+    from rescomp_harness.compare import CompareConfig, build_recipe
+    from rescomp_harness.data import calibration_dataset
 
     torch.manual_seed(0)
     model_path = resolve_model(args.model)

@@ -6,7 +6,7 @@
 Quantizes the model (default: the embedded SmolLM2-135M-Instruct) W4A16 group 64 with
 llm-compressor's GPTQModifier and with CAEModifier (reusing checkpoints already in
 --out), loads all three in one vLLM worker (vLLM's own environment, see
-rescomp_modifiers.serving) and times greedy generation with random-token prompts for
+rescomp_harness.serving) and times greedy generation with random-token prompts for
 every batch size x prompt length x output length, the three models interleaved within
 each round. Prints medians (tokens generated per second) and the min-max spread, the
 ratio of each quantized model to dense, and perplexity from prompt log-probabilities on
@@ -32,8 +32,8 @@ def quantize(model_dir: Path, method: str, out: Path, samples: int, seq_len: int
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rescomp_modifiers import CAEModifier
-    from rescomp_modifiers.assets import brown_documents
-    from rescomp_modifiers.data import calibration_dataset
+    from rescomp_harness.assets import brown_documents
+    from rescomp_harness.data import calibration_dataset
 
     scheme = {"group_0": {"targets": ["Linear"], "weights": {
         "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
@@ -64,9 +64,9 @@ def main(argv=None) -> None:
     parser.add_argument("--calibration-len", type=int, default=512)
     args = parser.parse_args(argv)
 
-    from rescomp_modifiers.assets import brown_documents, default_model_path
-    from rescomp_modifiers.data import split_documents
-    from rescomp_modifiers.serving import serve_and_measure
+    from rescomp_harness.assets import brown_documents, default_model_path
+    from rescomp_harness.data import split_documents
+    from rescomp_harness.serving import serve_and_measure
 
     model_dir = args.model or default_model_path()
     checkpoints = {"dense": str(model_dir)}

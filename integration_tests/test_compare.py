@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from rescomp_modifiers.compare import CompareConfig, run_comparison
+from rescomp_harness.compare import CompareConfig, run_comparison
 
 pytestmark = pytest.mark.integration
 

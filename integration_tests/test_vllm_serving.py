@@ -21,9 +21,9 @@ import time
 
 import pytest
 
-from rescomp_modifiers.assets import brown_documents, default_model_path
-from rescomp_modifiers.data import calibration_dataset, split_documents
-from rescomp_modifiers.serving import checkpoint_servable, ensure_vllm_env, serve_and_measure
+from rescomp_harness.assets import brown_documents, default_model_path
+from rescomp_harness.data import calibration_dataset, split_documents
+from rescomp_harness.serving import checkpoint_servable, ensure_vllm_env, serve_and_measure
 
 pytestmark = pytest.mark.integration
 

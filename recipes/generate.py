@@ -6,13 +6,15 @@ that the committed files match and parse in llm-compressor.
 
 from pathlib import Path
 
+from rescomp_modifiers.methods import METHODS as PLUGIN_METHODS
+
 HERE = Path(__file__).parent
 
+# every method of the plugin's vocabulary that ships recipes (not the baselines)
 METHODS = {
-    "gptaq": ("GPTAQModifier", "GPTAQ: asymmetric calibration against the FP model's outputs", {}),
-    "gptaq_cae": ("CAEModifier", "GPTAQ + CAE (the CAE paper's Algorithm 1)", {"statistics": "gptaq"}),
-    "gptq_cae": ("CAEModifier", "GPTQ + CAE (Algorithm 2; no full-precision stream needed)", {"statistics": "gptq"}),
-    "foem": ("FOEMModifier", "FOEM: first-order error compensation", {}),
+    name: (method.modifier, method.description, method.settings)
+    for name, method in PLUGIN_METHODS.items()
+    if method.ships_recipes
 }
 
 # name: (comment, weights args, group sizes: (default, small-model variant))

@@ -190,7 +190,7 @@ class CompensationTerms:
     ) -> "CompensationTerms":
         """Coefficients for a named method.
 
-        :param method: ``gptq``, ``gptaq``, ``cae`` (GPTAQ statistics, the paper's
+        :param method: ``gptq``, ``gptaq``, ``gptaq_cae`` (GPTAQ statistics, the paper's
             Algorithm 1), ``gptq_cae`` (plain GPTQ statistics, Algorithm 2), ``foem``
             or ``foem_gptaq``
         :param semantics: ``released`` (the research code; reproduces the published
@@ -210,7 +210,7 @@ class CompensationTerms:
         table = {
             "gptq": cls(),
             "gptaq": cls(asymmetric_coefficient=coefficient, lazy_update=gptaq_lazy),
-            "cae": cls(
+            "gptaq_cae": cls(
                 asymmetric_coefficient=coefficient,
                 compensation_aware_coefficient=coefficient,
                 lazy_update=cae_lazy,

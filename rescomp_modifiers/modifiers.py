@@ -10,7 +10,6 @@ Each collects what its terms need on top of GPTQ's Hessian (the asymmetry statis
 from __future__ import annotations
 
 import contextlib
-from collections import deque
 from typing import ClassVar, Literal
 
 import torch
@@ -38,6 +37,10 @@ from rescomp_modifiers.activation_statistics import (
     supports_shared_statistics,
 )
 from rescomp_modifiers.checkpoint import make_save_atomic
+from rescomp_modifiers.full_precision_stream import (
+    FullPrecisionStream,
+    MissingFullPrecisionStream,
+)
 from rescomp_modifiers.compensation import (
     CompensationTerms,
     GroupScales,
@@ -47,10 +50,6 @@ from rescomp_modifiers.compensation import (
 )
 
 __all__ = ["GPTAQModifier", "CAEModifier", "FOEMModifier", "CompensationModifier"]
-
-
-class MissingFullPrecisionStream(RuntimeError):
-    """A dual-stream modifier ran without the full-precision activation stream."""
 
 
 def _row_stackable(modules: list[torch.nn.Module]) -> bool:
@@ -92,7 +91,7 @@ class CompensationModifier(GPTQModifier):
     lazy_update: LazyUpdate | None = None
 
     _asymmetry: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
-    _fp_stream: "FullPrecisionStream | None" = PrivateAttr(default=None)
+    _fp_stream: FullPrecisionStream | None = PrivateAttr(default=None)
     _statistics: GroupedStatistics = PrivateAttr(default_factory=GroupedStatistics)
 
     # -- what the subclasses decide -------------------------------------------------
@@ -125,7 +124,7 @@ class CompensationModifier(GPTQModifier):
         )
 
     # -- the full-precision stream ----------------------------------------------------
-    def attach_full_precision_stream(self, stream: "FullPrecisionStream | None") -> None:
+    def attach_full_precision_stream(self, stream: FullPrecisionStream | None) -> None:
         """Called by the dual-stream pipeline before calibration starts."""
         self._fp_stream = stream
 
@@ -402,7 +401,7 @@ class CAEModifier(CompensationModifier):
     :param compensation_aware_coefficient: ``b``; None: 0.25 released, 1 paper
     """
 
-    method: ClassVar[str] = "cae"
+    method: ClassVar[str] = "gptaq_cae"
     log_name: ClassVar[str] = "CAE"
 
     statistics: Literal["gptaq", "gptq"] = "gptaq"
@@ -414,7 +413,7 @@ class CAEModifier(CompensationModifier):
         return self.statistics == "gptaq"
 
     def resolved_method(self) -> str:
-        return "cae" if self.statistics == "gptaq" else "gptq_cae"
+        return "gptaq_cae" if self.statistics == "gptaq" else "gptq_cae"
 
     def overrides(self) -> dict:
         return {
@@ -470,64 +469,3 @@ class FOEMModifier(CompensationModifier):
             "first_order_next_column_pull": self.first_order_next_column_pull,
             "asymmetric_coefficient": self.asymmetric_coefficient,
         }
-
-
-class FullPrecisionStream:
-    """Per-module FIFO of full-precision inputs, filled by the dual-stream pipeline.
-
-    The pipeline runs each batch through the still-full-precision subgraph with all
-    modifier hooks disabled while :meth:`capturing`; plain forward-pre hooks stash every
-    watched module's input. The quantized pass of the same batch follows at once and
-    each modifier hook pops its twin, so X_fp and X_q of one sample always meet in one
-    statistics update and at most one batch of inputs is held.
-    """
-
-    def __init__(self):
-        self._queues: dict[torch.nn.Module, deque] = {}
-        self._handles: dict[torch.nn.Module, torch.utils.hooks.RemovableHandle] = {}
-        self._capturing = False
-
-    def watch(self, modules) -> None:
-        for module in modules:
-            if module in self._handles:
-                continue
-            self._queues[module] = deque()
-            self._handles[module] = module.register_forward_pre_hook(self._stash)
-
-    def unwatch(self, modules) -> None:
-        for module in list(modules):
-            handle = self._handles.pop(module, None)
-            if handle is not None:
-                handle.remove()
-            self._queues.pop(module, None)
-
-    def close(self) -> None:
-        self.unwatch(list(self._handles))
-
-    def _stash(self, module, args):
-        if self._capturing:
-            self._queues[module].append(args[0].detach())
-
-    @contextlib.contextmanager
-    def capturing(self):
-        self._capturing = True
-        try:
-            yield
-        finally:
-            self._capturing = False
-
-    def pop(self, module) -> torch.Tensor | None:
-        queue = self._queues.get(module)
-        return queue.popleft() if queue else None
-
-    def assert_consumed(self) -> None:
-        """Every stashed input met its quantized twin (else the streams diverged)."""
-        leftover = [q for q in self._queues.values() if q]
-        for queue in leftover:
-            queue.clear()
-        if leftover:
-            raise MissingFullPrecisionStream(
-                f"{len(leftover)} module(s) got full-precision inputs without a "
-                "quantized-stream twin in the same batch; the two streams took "
-                "different paths through the model."
-            )

@@ -37,7 +37,8 @@ from llmcompressor.utils.pytorch.module import infer_sequential_targets
 from loguru import logger
 from tqdm import tqdm
 
-from rescomp_modifiers.modifiers import CompensationModifier, FullPrecisionStream
+from rescomp_modifiers.full_precision_stream import FullPrecisionStream
+from rescomp_modifiers.modifiers import CompensationModifier
 
 __all__ = ["DualStreamPipeline", "DriftRecord", "last_drift", "install_pipeline_inference"]
 

@@ -17,4 +17,5 @@ if ! python -c "import torch" 2>/dev/null; then
     python -m pip install -q torch==2.13.0
   fi
 fi
-python -m pip install -q -e ".[eval,test]"
+# the plugin and, as its own distribution, the evaluation harness (harness/)
+python -m pip install -q -e ".[test]" -e ./harness

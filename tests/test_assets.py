@@ -9,8 +9,8 @@ import tarfile
 
 import pytest
 
-from rescomp_modifiers import assets
-from rescomp_modifiers.assets import AssetUnavailable, brown_text
+from rescomp_harness import assets
+from rescomp_harness.assets import AssetUnavailable, brown_text
 
 BROWN_FILES = {
     "package/ca01": "\n\n\tThe/at jury/nn said/vbd ``/`` no/at ''/'' ./.\n\tIt/pps ended/vbd ./.\n\n"

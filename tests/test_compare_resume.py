@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rescomp_modifiers.compare import CompareConfig, _check_resumable
+from rescomp_harness.compare import CompareConfig, _check_resumable
 
 
 def _previous_run(tmp_path, config):

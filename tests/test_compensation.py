@@ -520,7 +520,7 @@ def test_production_float32_close_to_oracle(case):
 # ---------------------------------------- 3. released semantics vs DESIGN.md transcription
 
 
-RELEASED_METHODS = ["gptaq", "cae", "gptq_cae", "foem", "foem_gptaq"]
+RELEASED_METHODS = ["gptaq", "gptaq_cae", "gptq_cae", "foem", "foem_gptaq"]
 
 
 @pytest.mark.parametrize("blocksize", [16, 64])
@@ -529,7 +529,7 @@ RELEASED_METHODS = ["gptaq", "cae", "gptq_cae", "foem", "foem_gptaq"]
 def test_released_semantics_match_transcription(float64_solver, method, bits, blocksize):
     quant_args = int_args(bits, "group", 16, symmetric=False)
     terms = CompensationTerms.for_method(method, "released", bits)
-    use_d = method in ("gptaq", "cae", "foem_gptaq")
+    use_d = method in ("gptaq", "gptaq_cae", "foem_gptaq")
     for seed in (0, 1):
         layer = make_layer(seed, 24, 64, quant_args, shrink=0.8, w0_differs=seed == 1)
         D = layer["D"] if use_d else torch.zeros_like(layer["D"])
@@ -547,10 +547,10 @@ def test_released_presets_are_what_design_says():
     """Coefficients and lazy modes of the presets (DESIGN.md, 'Coefficients')."""
     gptaq = CompensationTerms.for_method("gptaq", "released", 4)
     assert (gptaq.asymmetric_coefficient, gptaq.lazy_update) == (0.25, LazyUpdate.QUANTIZED)
-    cae4 = CompensationTerms.for_method("cae", "released", 4)
+    cae4 = CompensationTerms.for_method("gptaq_cae", "released", 4)
     assert cae4.asymmetric_coefficient == cae4.compensation_aware_coefficient == 0.25
     assert cae4.lazy_update == LazyUpdate.CLAMPED_LATENT
-    assert CompensationTerms.for_method("cae", "released", 2).lazy_update == LazyUpdate.QUANTIZED
+    assert CompensationTerms.for_method("gptaq_cae", "released", 2).lazy_update == LazyUpdate.QUANTIZED
     foem = CompensationTerms.for_method("foem", "released", 4)
     assert foem.first_order_coefficient == 0.2 and foem.first_order_next_column_pull
     for method in RELEASED_METHODS:
@@ -590,7 +590,7 @@ def test_released_clamp_and_quantized_lazy_modes_differ_from_latent(float64_solv
         paper_terms(1.0, 0.0, 1.0),
         paper_terms(0.5, 0.5, 0.0, group_scales=GroupScales.DYNAMIC),
     ],
-    ids=["gptaq", "cae", "cae_unequal", "foem_gptaq", "cae_dynamic"],
+    ids=["gptaq", "gptaq_cae", "cae_unequal", "foem_gptaq", "cae_dynamic"],
 )
 def test_paper_semantics_are_block_size_invariant(float64_solver, terms):
     quant_args = int_args(4, "group", 16, symmetric=False, actorder="weight")
@@ -624,7 +624,7 @@ def test_released_quantized_lazy_update_depends_on_block_size():
     dependent."""
     quant_args = int_args(2, "group", 16, symmetric=False)
     layer = make_layer(7, 32, 128, quant_args)
-    terms = CompensationTerms.for_method("cae", "released", 2)
+    terms = CompensationTerms.for_method("gptaq_cae", "released", 2)
     assert terms.lazy_update == LazyUpdate.QUANTIZED
     a, b, c = (run_solver(layer, quant_args, terms, blocksize=bs, dtype=torch.float32)
                for bs in (8, 16, 128))
@@ -649,7 +649,7 @@ def permute_layer(layer, perm):
 TERMS_FOR_ORDERING = {
     "gptaq_cae_unequal": paper_terms(0.7, 0.3, 0.0),
     "foem_gptaq": paper_terms(1.0, 0.0, 1.0),
-    "released_cae": CompensationTerms.for_method("cae", "released", 4),
+    "released_cae": CompensationTerms.for_method("gptaq_cae", "released", 4),
     "released_foem_gptaq": CompensationTerms.for_method("foem_gptaq", "released", 4),
 }
 
@@ -748,7 +748,7 @@ def test_dead_columns_are_zero_and_finite(method, semantics, actorder):
     assert (quantized[:, live] != 0).any(dim=0).all()
 
 
-@pytest.mark.parametrize("method", ["cae", "gptq_cae", "foem", "foem_gptaq"])
+@pytest.mark.parametrize("method", ["gptaq_cae", "gptq_cae", "foem", "foem_gptaq"])
 @pytest.mark.parametrize("actorder", [None, "weight"])
 def test_original_weights_default_to_the_weights(method, actorder):
     """No ``original_weights`` (what the modifiers pass) means W0 = the weights handed in.
@@ -800,7 +800,7 @@ def test_dead_columns_do_not_disturb_live_ones(float64_solver, case):
 # ------------------------------------------------------------------ 7. Cholesky fallback
 
 
-@pytest.mark.parametrize("method", ["cae", "foem_gptaq", "gptq_cae", "foem"])
+@pytest.mark.parametrize("method", ["gptaq_cae", "foem_gptaq", "gptq_cae", "foem"])
 @pytest.mark.parametrize("semantics", ["paper", "released"])
 def test_cholesky_failure_falls_back_to_rtn_for_that_item_only(method, semantics):
     from loguru import logger
@@ -848,8 +848,8 @@ def test_cholesky_failure_falls_back_to_rtn_for_that_item_only(method, semantics
     "terms",
     [
         CompensationTerms(),
-        CompensationTerms.for_method("cae", "paper", 4),
-        CompensationTerms.for_method("cae", "released", 4),
+        CompensationTerms.for_method("gptaq_cae", "paper", 4),
+        CompensationTerms.for_method("gptaq_cae", "released", 4),
         CompensationTerms.for_method("gptaq", "released", 4),
         CompensationTerms.for_method("foem_gptaq", "released", 4),
         paper_terms(0.7, 0.3, 0.2, group_scales=GroupScales.DYNAMIC),
@@ -975,7 +975,7 @@ def test_non_finite_coefficient_is_rejected():
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("method", ["gptaq", "cae", "foem_gptaq"])
+@pytest.mark.parametrize("method", ["gptaq", "gptaq_cae", "foem_gptaq"])
 def test_dynamic_group_scales_are_returned_and_used(method, symmetric):
     quant_args = int_args(4, "group", 16, symmetric=symmetric)
     layer = make_layer(50, 24, 64, quant_args)

@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from rescomp_modifiers.assets import AssetUnavailable, Document
-from rescomp_modifiers.data import (
+from rescomp_harness.assets import AssetUnavailable, Document
+from rescomp_harness.data import (
     calibration_dataset,
     is_evaluation_document,
     load_documents,

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rescomp_modifiers.assets import Document
-from rescomp_modifiers.evaluation import lm_eval_tasks
-from rescomp_modifiers.evaluation.perplexity import joined_text, perplexity, token_windows
+from rescomp_harness.assets import Document
+from rescomp_harness.evaluation import lm_eval_tasks
+from rescomp_harness.evaluation.perplexity import joined_text, perplexity, token_windows
 
 from conftest import VOCAB, make_model, make_tokenizer
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import rescomp_modifiers
 import rescomp_modifiers.modifiers as modifiers_module
 from rescomp_modifiers import CAEModifier, FOEMModifier, GPTAQModifier
-from rescomp_modifiers.modifiers import MissingFullPrecisionStream
+from rescomp_modifiers.full_precision_stream import MissingFullPrecisionStream
 
 from conftest import calibration_dataset
 

@@ -40,3 +40,26 @@ def test_recipe_parses_into_modifier(relative):
     assert ("group_size" in args) == (args["strategy"] == "group")
     if scheme.endswith("_g64"):
         assert args["group_size"] == 64
+
+
+def test_one_method_vocabulary():
+    """Every named method builds its modifier, and the solver's coefficient table knows
+    the same names as the vocabulary (less the baselines it does not solve)."""
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    from rescomp_modifiers.compensation import CompensationTerms
+    from rescomp_modifiers.methods import METHODS, build_modifier
+
+    for name, method in METHODS.items():
+        modifier = build_modifier(name, scheme="W4A16", ignore=["lm_head"], semantics="paper")
+        assert type(modifier).__name__ == method.modifier
+        if isinstance(modifier, rescomp_modifiers.modifiers.CompensationModifier):
+            assert modifier.resolved_method() == name
+            assert modifier.semantics == "paper"
+            CompensationTerms.for_method(name)
+        elif isinstance(modifier, GPTQModifier):
+            assert name == "gptq"
+    with pytest.raises(ValueError, match="unknown method 'cae'"):
+        build_modifier("cae")
+    with pytest.raises(ValueError, match="Unknown method 'cae'"):
+        CompensationTerms.for_method("cae")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from dataclasses import fields
 
-from rescomp_modifiers.compare import METHODS, CompareConfig
+from rescomp_harness.compare import METHODS, CompareConfig
 
 
 def _compare_parser(sub) -> None:
@@ -47,14 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "fetch":
-        from rescomp_modifiers import assets
+        from rescomp_harness import assets
 
         print(assets.default_model_path())
         for name in ("brown_documents", "sotu_documents"):
             print(name, len(getattr(assets, name)()))
         return 0
 
-    from rescomp_modifiers.compare import run_comparison
+    from rescomp_harness.compare import run_comparison
 
     values = {f.name: getattr(args, f.name) for f in fields(CompareConfig) if hasattr(args, f.name)}
     values["symmetric"] = not args.asymmetric

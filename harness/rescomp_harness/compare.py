@@ -22,17 +22,15 @@ import torch
 from loguru import logger
 from tqdm import tqdm
 
+from rescomp_modifiers.methods import METHODS as PLUGIN_METHODS, build_modifier
+
 __all__ = ["CompareConfig", "METHODS", "run_comparison", "summarize"]
 
-#: method name -> (label, how it is built); recipe files are added as "recipe:<path>"
-METHODS = {
-    "rtn": "RTN (round to nearest)",
-    "gptq": "GPTQ (llm-compressor)",
-    "gptq_cae": "GPTQ+CAE",
-    "gptaq": "GPTAQ",
-    "gptaq_cae": "GPTAQ+CAE",
-    "foem": "FOEM",
-}
+#: method name -> label, from the plugin's one vocabulary; recipe files are added as
+#: "recipe:<path>"
+METHODS = {name: method.label for name, method in PLUGIN_METHODS.items()}
+#: what a comparison runs when no --methods are named
+DEFAULT_METHODS = ["rtn", "gptq", "gptq_cae", "gptaq", "gptaq_cae", "foem"]
 
 
 @dataclass
@@ -40,7 +38,7 @@ class CompareConfig:
     """What to compare; defaults are the README's quick setting."""
 
     model: str | None = None  #: HF id or local dir; None: embedded SmolLM2-135M
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     recipes: list[str] = field(default_factory=list)  #: extra recipe files to compare
     bits: int = 3
     group_size: int = 64
@@ -73,26 +71,10 @@ def _scheme(config: CompareConfig) -> dict:
 
 def build_recipe(method: str, config: CompareConfig):
     """The modifier list for a method name, or a recipe path for ``recipe:<path>``."""
-    from llmcompressor.modifiers.gptq import GPTQModifier
-    from llmcompressor.modifiers.quantization import QuantizationModifier
-
-    from rescomp_modifiers import CAEModifier, FOEMModifier, GPTAQModifier
-
     if method.startswith("recipe:"):
         return method[len("recipe:"):]
-    common = dict(ignore=["lm_head"], config_groups=_scheme(config))
-    ours = dict(common, semantics=config.semantics)
-    builders = {
-        "rtn": lambda: QuantizationModifier(**common),
-        "gptq": lambda: GPTQModifier(**common),
-        "gptq_cae": lambda: CAEModifier(statistics="gptq", **ours),
-        "gptaq": lambda: GPTAQModifier(**ours),
-        "gptaq_cae": lambda: CAEModifier(**ours),
-        "foem": lambda: FOEMModifier(**ours),
-    }
-    if method not in builders:
-        raise ValueError(f"unknown method {method!r}; choose from {sorted(builders)} or recipe:<path>")
-    return [builders[method]()]
+    return [build_modifier(method, ignore=["lm_head"], config_groups=_scheme(config),
+                           semantics=config.semantics)]
 
 
 def _decoder_layers(model) -> list[torch.nn.Module]:
@@ -134,9 +116,9 @@ def run_comparison(config: CompareConfig) -> Path:
     from llmcompressor import oneshot
     from transformers import AutoTokenizer
 
-    from rescomp_modifiers.assets import resolve_model
-    from rescomp_modifiers.data import calibration_dataset, load_documents, split_documents
-    from rescomp_modifiers.evaluation.perplexity import perplexity
+    from rescomp_harness.assets import resolve_model
+    from rescomp_harness.data import calibration_dataset, load_documents, split_documents
+    from rescomp_harness.evaluation.perplexity import perplexity
 
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +144,7 @@ def run_comparison(config: CompareConfig) -> Path:
             for name, docs in held_out.items()
         }
         if config.bigbench:
-            from rescomp_modifiers.evaluation.lm_eval_tasks import bigbench_accuracy
+            from rescomp_harness.evaluation.lm_eval_tasks import bigbench_accuracy
 
             scores.update(bigbench_accuracy(model, tokenizer, config.bigbench,
                                             limit=config.bigbench_limit))

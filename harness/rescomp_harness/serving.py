@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from rescomp_modifiers.assets import Document, cache_dir
+from rescomp_harness.assets import Document, cache_dir
 
 __all__ = [
     "vllm_python",
@@ -169,7 +169,7 @@ def checkpoint_servable(path: str | os.PathLike) -> tuple[bool, str]:
         return False, f"quant_method {qconfig.get('quant_method')!r} is not compressed-tensors"
 
     gpu_only = "; 2- and 3-bit (and 8-bit) weights need vLLM's GPU kernels, or evaluate " \
-               "them through transformers decompression (rescomp_modifiers.evaluation)"
+               "them through transformers decompression (rescomp_harness.evaluation)"
     groups = qconfig.get("config_groups") or {}
     if not groups:
         return False, "quantization_config has no config_groups"
@@ -281,7 +281,7 @@ def serve_and_measure(
     with tempfile.TemporaryDirectory(prefix="rescomp-vllm-") as tmp:
         tmp = Path(tmp)
         if lm_eval_texts is not None:
-            from rescomp_modifiers.evaluation.lm_eval_tasks import write_perplexity_task
+            from rescomp_harness.evaluation.lm_eval_tasks import write_perplexity_task
 
             documents = [t if isinstance(t, Document) else Document(f"text{i}", t, "user")
                          for i, t in enumerate(lm_eval_texts)]

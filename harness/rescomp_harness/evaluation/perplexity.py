@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from rescomp_modifiers.assets import Document
+from rescomp_harness.assets import Document
 
 __all__ = ["PerplexityResult", "perplexity", "joined_text", "token_windows"]
 

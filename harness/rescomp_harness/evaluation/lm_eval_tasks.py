@@ -5,7 +5,7 @@ JSONL files we write (``dataset_path: json``), found through ``TaskManager(inclu
 
 - ``rescomp_ppl_<corpus>`` (``brown``, ``sotu``): ``loglikelihood_rolling`` word / byte
   perplexity and bits per byte on the corpus' held-out documents (the evaluation side of
-  :func:`rescomp_modifiers.data.split_documents`), one row per document, shaped like
+  :func:`rescomp_harness.data.split_documents`), one row per document, shaped like
   lm-eval's ``wikitext`` task. Its token-level scoring equals
   ``perplexity(..., windowing="lm_eval", seq_len=max_length)`` per document.
 - ``rescomp_bigbench_<task>``: zero-shot multiple choice (``acc``, ``acc_norm``) on a
@@ -25,8 +25,8 @@ from typing import Sequence
 
 import yaml
 
-from rescomp_modifiers.assets import Document, bigbench_task_definition
-from rescomp_modifiers.data import load_documents, split_documents
+from rescomp_harness.assets import Document, bigbench_task_definition
+from rescomp_harness.data import load_documents, split_documents
 
 __all__ = [
     "PERPLEXITY_TASK_PREFIX",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from rescomp_modifiers.assets import AssetUnavailable, Document, brown_documents, sotu_documents
+from rescomp_harness.assets import AssetUnavailable, Document, brown_documents, sotu_documents
 
 __all__ = [
     "Document",
@@ -102,7 +102,7 @@ def calibration_dataset(
 def load_documents(spec: str | Path) -> list[Document]:
     """Documents named by ``spec``:
 
-    - ``"brown"`` / ``"sotu"``: the cached corpora (:mod:`rescomp_modifiers.assets`);
+    - ``"brown"`` / ``"sotu"``: the cached corpora (:mod:`rescomp_harness.assets`);
     - a ``.txt`` file: one document, id = file name;
     - a ``.jsonl`` file: one document per line, field ``text`` (``id`` optional);
     - a directory: every ``.txt`` and ``.jsonl`` in it, sorted by name;

@@ -1,14 +1,14 @@
 """Quality measurement on local data: perplexity with the papers' protocol and lm-eval
 tasks on files we write (lm-eval itself is imported only when it runs)."""
 
-from rescomp_modifiers.evaluation.lm_eval_tasks import (
+from rescomp_harness.evaluation.lm_eval_tasks import (
     bigbench_accuracy,
     prepare_tasks,
     run_lm_eval,
     write_bigbench_task,
     write_perplexity_task,
 )
-from rescomp_modifiers.evaluation.perplexity import (
+from rescomp_harness.evaluation.perplexity import (
     PerplexityResult,
     joined_text,
     perplexity,
