@@ -779,3 +779,62 @@ class _DynamicGroups:
             )
             self.scale[item, :, group] = new_scale.to(self.scale.dtype)
             self.zero_point[item, :, group] = new_zero.to(self.zero_point.dtype)
+
+
+# -- candidates judged on held-out calibration tokens (guard, coefficient search) ------
+
+
+@torch.no_grad()
+def layer_output_error(quantized: torch.Tensor, original_weights: torch.Tensor,
+                       hessians: torch.Tensor,
+                       asymmetry: torch.Tensor | None = None) -> torch.Tensor:
+    """Per batch item, ``||W0 X_fp - Q X_q||^2`` up to a constant, from the statistics.
+
+    Expanding the square with ``X_fp X_q^T = D + H`` (the statistics' normalization)::
+
+        ||W0 X_fp - Q X_q||^2 = tr(Q H Q^T) - 2 tr(W0 (H + D) Q^T) + tr(W0 H_fp W0^T)
+
+    The last term does not depend on ``Q``, so differences between candidates are
+    exact. Without the full-precision stream (``asymmetry`` None, ``D = 0``) this is
+    GPTQ's own objective ``||(W0 - Q) X_q||^2`` up to the same kind of constant.
+
+    :param quantized: ``Q``, ``[batch, rows, columns]``
+    :param original_weights: ``W0``, same shape
+    :param hessians: ``H`` of the tokens to judge on, ``[batch, columns, columns]``
+    :param asymmetry: ``D`` of the same tokens, or None
+    :return: ``[batch]`` in float64
+    """
+    Q = quantized.to(torch.float64)
+    W0 = original_weights.to(torch.float64)
+    H = hessians.to(torch.float64)
+    cross = H if asymmetry is None else H + asymmetry.to(torch.float64)
+    return (torch.bmm(Q, H) * Q).sum((1, 2)) - 2 * (torch.bmm(W0, cross) * Q).sum((1, 2))
+
+
+@torch.no_grad()
+def least_squares_start(original_weights: torch.Tensor, hessians: torch.Tensor,
+                        asymmetry: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+    """The ridge least-squares fit of the full-precision output from quantized inputs.
+
+    ``W* = argmin_W ||W X_q - W0 X_fp||^2 + lambda ||W||^2 = W0 (H + D) Hd^-1
+    = W0 + W0 (D - lambda I) Hd^-1`` with GPTQ's damping ``Hd = H + lambda I``,
+    ``lambda = percdamp * mean(diag H)`` (Qronos, arXiv 2505.11695; LoaQ, arXiv
+    2509.06297): the latent weights the GPTQ loop then starts from, so that its
+    quantization error is measured against the weights that best reproduce ``W0 X_fp``
+    rather than against ``W0``. Dead columns (``diag H == 0``) keep ``W0``'s zero.
+
+    :return: ``W*``, ``[batch, rows, columns]`` in GPTQ's precision
+    """
+    W0 = original_weights.to(GPTQ_PRECISION)
+    H = hessians.to(GPTQ_PRECISION)
+    diagonal = torch.diagonal(H, dim1=-2, dim2=-1)
+    dead = diagonal == 0
+    damping = percdamp * diagonal.mean(-1, keepdim=True)
+    damped = H.clone()
+    torch.diagonal(damped, dim1=-2, dim2=-1).add_(damping)
+    torch.diagonal(damped, dim1=-2, dim2=-1).masked_fill_(dead, 1.0)
+    cross = H + asymmetry.to(GPTQ_PRECISION)
+    # W* = W0 (H + D) Hd^-1, i.e. Hd W*^T = (H + D)^T W0^T (Hd is symmetric)
+    factor = torch.linalg.cholesky(damped)
+    start = torch.cholesky_solve(cross.transpose(1, 2) @ W0.transpose(1, 2), factor)
+    return start.transpose(1, 2).masked_fill(dead.unsqueeze(1), 0.0)

@@ -29,11 +29,12 @@ from llmcompressor.modifiers.gptq.helpers import (
 from llmcompressor.utils.dist import broadcast_qparams_and_cleanup
 from llmcompressor.utils.metric_logging import CompressionLogger
 from loguru import logger
-from pydantic import PrivateAttr
+from pydantic import PrivateAttr, field_validator
 from torch import distributed as dist
 
 from rescomp_modifiers.activation_statistics import (
     GroupedStatistics,
+    SharedSums,
     supports_shared_statistics,
 )
 from rescomp_modifiers.checkpoint import make_save_atomic
@@ -46,10 +47,34 @@ from rescomp_modifiers.compensation import (
     GroupScales,
     LazyUpdate,
     Semantics,
-    compensate_weight,
+)
+from rescomp_modifiers.selection import (
+    GPTQ_LABEL,
+    Candidate,
+    Selection,
+    Statistics,
+    select_and_solve,
+    solve_candidate,
 )
 
 __all__ = ["GPTAQModifier", "CAEModifier", "FOEMModifier", "CompensationModifier"]
+
+
+#: Meaningful coefficient range: each term is a least-squares projection of a residual
+#: the column leaves behind, so 1 applies it in full (the papers' equations) and 0 not
+#: at all; beyond 1 over-corrects (measured: a = -0.5, b = 5 or f = 3 triple the layer
+#: output error) and a negative value pushes the wrong way.
+COEFFICIENT_RANGE = (0.0, 1.0)
+
+
+def _check_coefficient(name: str, value: float | None) -> float | None:
+    low, high = COEFFICIENT_RANGE
+    if value is not None and not low <= value <= high:
+        raise ValueError(
+            f"{name} must lie in [{low}, {high}] (1 = the papers' full term, 0 = off); "
+            f"got {value}"
+        )
+    return value
 
 
 def _row_stackable(modules: list[torch.nn.Module]) -> bool:
@@ -89,10 +114,66 @@ class CompensationModifier(GPTQModifier):
     group_scales: GroupScales = GroupScales.STATIC
     #: Override of the between-block update mode (None: from ``semantics``).
     lazy_update: LazyUpdate | None = None
+    #: ``gptq``: "never worse than GPTQ". Per module (or row-stacked group), this
+    #: method's weights and GPTQ's are both solved and the one with the smaller layer
+    #: output error ``||W0 X_fp - Q X_q||^2`` on held-out calibration tokens is kept
+    #: (:attr:`holdout_every`). ``none`` (default): the method alone, as published.
+    guard: Literal["none", "gptq"] = "none"
+    #: Coefficients to choose from per module by the same held-out error, e.g.
+    #: ``[0.125, 0.25, 0.5]``: each scales the method's own terms (GPTAQ's ``a``, CAE's
+    #: ``a = b``, FOEM's ``f``). The method's configured coefficients always compete.
+    coefficient_candidates: list[float] | None = None
+    #: Also let the least-squares re-solve compete (Qronos-style: the GPTQ loop started
+    #: from ``W* = W0 (H + D) Hd^-1``; needs the full-precision stream).
+    least_squares_candidate: bool = False
+    #: With a guard or candidates: every ``holdout_every``-th calibration batch of a
+    #: module is held out from the fit and used only to judge the candidates; the
+    #: winner is then solved again on all batches. 0 judges on the fitting tokens
+    #: themselves (no refit; cheaper, but the choice can overfit).
+    holdout_every: int = 4
+
+    @field_validator("block_size")
+    @classmethod
+    def _validate_block_size(cls, value):
+        if value < 1:
+            raise ValueError(
+                f"block_size must be a positive number of columns (e.g. 128), got {value}"
+            )
+        return value
+
+    @field_validator("holdout_every")
+    @classmethod
+    def _validate_holdout_every(cls, value):
+        if value < 0 or value == 1:
+            raise ValueError(
+                f"holdout_every must be 0 (judge on the fitting tokens) or >= 2 (hold out "
+                f"every k-th batch; 1 would hold out everything), got {value}"
+            )
+        return value
+
+    @field_validator("asymmetric_coefficient", "compensation_aware_coefficient",
+                     "first_order_coefficient", check_fields=False)
+    @classmethod
+    def _validate_coefficient(cls, value, info):
+        return _check_coefficient(info.field_name, value)
+
+    @field_validator("coefficient_candidates")
+    @classmethod
+    def _validate_coefficient_candidates(cls, value):
+        for coefficient in value or ():
+            _check_coefficient("coefficient_candidates", coefficient)
+        return value
 
     _asymmetry: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
     _fp_stream: FullPrecisionStream | None = PrivateAttr(default=None)
     _statistics: GroupedStatistics = PrivateAttr(default_factory=GroupedStatistics)
+    #: sums of the held-out batches (guard / candidates), shared like ``_statistics``
+    _holdout_statistics: GroupedStatistics = PrivateAttr(default_factory=GroupedStatistics)
+    _holdout_sums: dict[torch.nn.Module, SharedSums] = PrivateAttr(default_factory=dict)
+    #: batches each module has read so far (which ones are held out)
+    _batches_read: dict[torch.nn.Module, int] = PrivateAttr(default_factory=dict)
+    #: per solved unit: (module names, winning candidate, error relative to GPTQ's)
+    _selections: list[tuple[str, str, float | None]] = PrivateAttr(default_factory=list)
 
     # -- what the subclasses decide -------------------------------------------------
     @property
@@ -105,6 +186,10 @@ class CompensationModifier(GPTQModifier):
 
     def overrides(self) -> dict:
         """Coefficients the user set (None keeps the semantics' default)."""
+        return {}
+
+    def coefficient_overrides(self, coefficient: float) -> dict:
+        """The method's own coefficients all set to ``coefficient`` (candidates)."""
         return {}
 
     @property
@@ -136,10 +221,50 @@ class CompensationModifier(GPTQModifier):
                 "force `pipeline='sequential'` (or 'basic') in oneshot: leave "
                 "`pipeline` unset or set `pipeline='dual_stream'`."
             )
+        if self.least_squares_candidate and not self.needs_full_precision_stream:
+            raise ValueError(
+                "least_squares_candidate fits the full-precision output and needs the "
+                f"full-precision stream, which {type(self).__name__} does not use here: "
+                "use GPTAQModifier, CAEModifier(statistics='gptaq') or "
+                "FOEMModifier(use_asymmetric_statistics=True)."
+            )
+        self._check_finite_weights()
         super().on_calibration_start(state, event, **kwargs)
         self._statistics.exact_hessian = self.exact_upstream_hessian
+        self._holdout_statistics.exact_hessian = self.exact_upstream_hessian
         if self._fp_stream is not None:
             self._fp_stream.watch(self._hooked_modules())
+
+    def _check_finite_weights(self) -> None:
+        """Refuse NaN/Inf weights before any calibration, naming the modules: they
+        would otherwise surface as non-finite statistics blamed on the activations, or
+        as a checkpoint with NaN scales."""
+        bad = [
+            self._module_names[module]
+            for module in self._hooked_modules()
+            if not torch.isfinite(module.weight).all()
+        ]
+        if bad:
+            shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+            raise ValueError(
+                f"{type(self).__name__}: the weights of {shown} contain NaN or Inf before "
+                "quantization; fix or reload the model (or add these modules to `ignore`)."
+            )
+
+    @property
+    def selects_candidates(self) -> bool:
+        """Whether each module's weights are chosen among several solves."""
+        return (self.guard != "none" or bool(self.coefficient_candidates)
+                or self.least_squares_candidate)
+
+    def _held_out(self, module: torch.nn.Module) -> bool:
+        """Whether this batch of ``module`` is held out from the fit. Modules reading
+        one input (q/k/v) count their batches alike, so they stay one group."""
+        if not self.selects_candidates or self.holdout_every == 0:
+            return False
+        read = self._batches_read.get(module, 0)
+        self._batches_read[module] = read + 1
+        return read % self.holdout_every == self.holdout_every - 1
 
     def _hooked_modules(self) -> list[torch.nn.Module]:
         # the modules upstream's on_calibration_start gives a Hessian hook
@@ -173,7 +298,8 @@ class CompensationModifier(GPTQModifier):
                     f"{type(module).__name__}; add it to `ignore`."
                 )
             return super().calibrate_module(module, args, _output)  # e.g. Conv2d
-        self._statistics.add(module, args[0], fp_inp, get_execution_device(module))
+        statistics = self._holdout_statistics if self._held_out(module) else self._statistics
+        statistics.add(module, args[0], fp_inp, get_execution_device(module))
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         self._collect_statistics()
@@ -191,6 +317,9 @@ class CompensationModifier(GPTQModifier):
                 self._num_samples[module] = sums.num_samples
                 if sums.asymmetry is not None:
                     self._asymmetry[module] = sums.asymmetry
+        for sums in self._holdout_statistics.pop_all():
+            for module in sums.members:
+                self._holdout_sums[module] = sums
 
     def _statistics_groups(self, modules) -> list[list[torch.nn.Module]]:
         """The modules grouped by the sums they share (q/k/v, gate/up); modules that
@@ -233,7 +362,7 @@ class CompensationModifier(GPTQModifier):
                     for part in (item.split(item_rows) if len(item_rows) > 1 else [item])]
 
         with torch.no_grad(), disable_offloading(), contextlib.ExitStack() as stack:
-            hessians, asymmetry = self._pop_statistics(units)
+            fit, judge, refit = self._pop_statistics(units)
             weights = torch.stack(
                 [torch.cat([module.weight for module in unit]) for unit in units]
             ).to(dtype=GPTQ_PRECISION)
@@ -248,19 +377,19 @@ class CompensationModifier(GPTQModifier):
                 else None
             )
             comp_loggers = [stack.enter_context(CompressionLogger(module)) for module in modules]
-            result = compensate_weight(
-                weights,
-                hessians,
-                scales,
-                zero_points,
-                global_scales,
-                quant_args,
-                asymmetry=None if asymmetry is None else asymmetry.to(weights.device),
-                terms=terms,
-                blocksize=self.block_size,
-                percdamp=self.dampening_frac,
-                module_names=names,
-            )
+            solver_options = dict(blocksize=self.block_size, percdamp=self.dampening_frac,
+                                  module_names=names)
+            if self.selects_candidates:
+                selection = select_and_solve(
+                    self._candidates(terms), weights, fit, judge, refit, scales, zero_points,
+                    global_scales, quant_args, **solver_options,
+                )
+                result = selection.result
+                self._record_selection(names, selection)
+            else:
+                result = solve_candidate(Candidate(self.log_name, terms), weights, fit, scales,
+                                         zero_points, global_scales, quant_args,
+                                         **solver_options)
             losses = [part.sum() for part in per_module(result.row_losses)]
             for comp_logger, loss in zip(comp_loggers, losses):
                 comp_logger.set_results(name=self.log_name, loss=loss.item())
@@ -274,21 +403,98 @@ class CompensationModifier(GPTQModifier):
             )
             self._num_compressed_modules += len(modules)
 
-    def _pop_statistics(self, units) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Each unit's normalized H (and D), stacked; the sums leave the dicts."""
-        hessians, asymmetry = [], []
+    def _pop_statistics(self, units) -> tuple[Statistics, Statistics, Statistics | None]:
+        """Each unit's normalized statistics, stacked, as (fit, judge, refit): what the
+        candidates are solved on, judged on and the winner solved again on. Without
+        held-out batches all three are the same sums (refit None: nothing to redo).
+        The sums leave the dicts."""
+        fit_sums, holdout_sums = [], []
         for unit in units:
-            hessian = self._hessians[unit[0]]
-            num_samples = self._num_samples[unit[0]].to(hessian.device)
-            hessians.append(hessian / num_samples)
-            if self.needs_full_precision_stream:
-                asymmetry.append(self._asymmetry[unit[0]] / num_samples)
+            fit_sums.append((self._hessians[unit[0]], self._asymmetry.get(unit[0]),
+                             self._num_samples[unit[0]]))
+            holdouts = {id(self._holdout_sums.get(module)) for module in unit}
+            held_out = self._holdout_sums.get(unit[0]) if len(holdouts) == 1 else None
+            holdout_sums.append(held_out)
             self._forget_statistics(unit)
-        return torch.stack(hessians), torch.stack(asymmetry) if asymmetry else None
+
+        def stacked(parts) -> Statistics:
+            hessians = [h / n.to(h.device) for h, _, n in parts]
+            asymmetry = [d / n.to(d.device) for _, d, n in parts if d is not None]
+            if len(asymmetry) not in (0, len(parts)):
+                raise RuntimeError("some modules of one solver batch lack the asymmetry D")
+            return Statistics(torch.stack(hessians),
+                              torch.stack(asymmetry).to(hessians[0].device) if asymmetry else None)
+
+        fit = stacked(fit_sums)
+        if not self.selects_candidates or any(h is None for h in holdout_sums):
+            if self.selects_candidates and self.holdout_every:
+                logger.warning(
+                    f"{self.log_name}: no held-out batches for some modules (fewer than "
+                    f"{self.holdout_every} calibration batches?); judging the candidates on "
+                    "the fitting tokens"
+                )
+            return fit, fit, None
+        judge = stacked([(h.hessian, h.asymmetry, h.num_samples) for h in holdout_sums])
+        refit = stacked([
+            (h + held.hessian.to(h.device),
+             None if d is None else d + held.asymmetry.to(d.device),
+             n + held.num_samples.to(n.device))
+            for (h, d, n), held in zip(fit_sums, holdout_sums)
+        ])
+        return fit, judge, refit
+
+    def _candidates(self, terms: CompensationTerms) -> list[Candidate]:
+        """The method first (it keeps ties), then its coefficient variants, GPTQ and
+        the least-squares re-solve, as configured; no two with the same terms."""
+        candidates = [Candidate(self.log_name, terms)]
+        for coefficient in self.coefficient_candidates or ():
+            variant = terms.with_overrides(**self.coefficient_overrides(coefficient))
+            candidates.append(Candidate(f"{self.log_name}@{coefficient:g}", variant))
+        if self.guard == "gptq":
+            candidates.append(Candidate(GPTQ_LABEL, CompensationTerms()))
+        if self.least_squares_candidate:
+            candidates.append(Candidate("least-squares", CompensationTerms(),
+                                        least_squares_start=True))
+        unique, seen = [], set()
+        for candidate in candidates:
+            key = (candidate.terms, candidate.least_squares_start)
+            if key not in seen:
+                seen.add(key)
+                unique.append(candidate)
+        return unique
+
+    def _record_selection(self, names: list[str], selection: Selection) -> None:
+        for name, winner, relative in zip(names, selection.winners,
+                                          selection.relative_to_gptq):
+            self._selections.append((name, winner, relative))
+            versus = "" if relative is None else f" (held-out error {relative:.3f}x GPTQ's)"
+            logger.info(f"{self.log_name} candidates for {name}: {winner}{versus}")
+
+    def selection_summary(self) -> dict[str, dict[str, int]]:
+        """How often each candidate won, per layer type (the module names without
+        their layer index, e.g. ``self_attn.q_proj + ...``)."""
+        summary: dict[str, dict[str, int]] = {}
+        for name, winner, _ in self._selections:
+            kind = " + ".join(part.rsplit(".layers.", 1)[-1].split(".", 1)[-1]
+                              for part in name.split(" + "))
+            counts = summary.setdefault(kind, {})
+            counts[winner] = counts.get(winner, 0) + 1
+        return summary
+
+    def _log_selection_summary(self) -> None:
+        summary = self.selection_summary()
+        if not summary:
+            return
+        lines = [f"  {kind}: " + ", ".join(f"{winner} {count}" for winner, count in
+                                           sorted(counts.items(), key=lambda kv: -kv[1]))
+                 for kind, counts in summary.items()]
+        logger.info(f"{self.log_name}: candidate chosen per layer type (modules):\n"
+                    + "\n".join(lines))
 
     def _forget_statistics(self, modules) -> None:
         for module in modules:
-            for sums in (self._hessians, self._num_samples, self._asymmetry):
+            for sums in (self._hessians, self._num_samples, self._asymmetry,
+                         self._holdout_sums):
                 sums.pop(module, None)
 
     def compress_modules(self):
@@ -322,16 +528,22 @@ class CompensationModifier(GPTQModifier):
         rank = dist.get_rank()
         pending = []
         for group in groups:
-            for sums in (self._hessians, self._num_samples, self._asymmetry):
-                if group[0] in sums:
-                    pending.append(dist.reduce(sums[group[0]], op=dist.ReduceOp.SUM,
-                                               dst=group_to_rank[group], async_op=True))
+            tensors = [sums[group[0]] for sums in (self._hessians, self._num_samples,
+                                                   self._asymmetry) if group[0] in sums]
+            held_out = self._holdout_sums.get(group[0])
+            if held_out is not None:
+                tensors += [t for t in (held_out.hessian, held_out.num_samples,
+                                        held_out.asymmetry) if t is not None]
+            pending.extend(dist.reduce(tensor, op=dist.ReduceOp.SUM,
+                                       dst=group_to_rank[group], async_op=True)
+                           for tensor in tensors)
         wait_for_comms(pending)
         for group in groups:
             if rank != group_to_rank[group]:
                 self._forget_statistics(group)
 
     def on_finalize(self, state: State, **kwargs) -> bool:
+        self._log_selection_summary()
         result = super().on_finalize(state, **kwargs)
         self._asymmetry = dict()
         make_save_atomic(state.model)
@@ -372,6 +584,9 @@ class GPTAQModifier(CompensationModifier):
 
     def overrides(self) -> dict:
         return {"asymmetric_coefficient": self.asymmetric_coefficient}
+
+    def coefficient_overrides(self, coefficient: float) -> dict:
+        return {"asymmetric_coefficient": coefficient}
 
 
 class CAEModifier(CompensationModifier):
@@ -421,6 +636,10 @@ class CAEModifier(CompensationModifier):
             "compensation_aware_coefficient": self.compensation_aware_coefficient,
         }
 
+    def coefficient_overrides(self, coefficient: float) -> dict:
+        return {"asymmetric_coefficient": coefficient,
+                "compensation_aware_coefficient": coefficient}
+
 
 class FOEMModifier(CompensationModifier):
     """FOEM: first-order error compensation (Zheng et al., arXiv 2507.11017).
@@ -469,3 +688,6 @@ class FOEMModifier(CompensationModifier):
             "first_order_next_column_pull": self.first_order_next_column_pull,
             "asymmetric_coefficient": self.asymmetric_coefficient,
         }
+
+    def coefficient_overrides(self, coefficient: float) -> dict:
+        return {"first_order_coefficient": coefficient}

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import rescomp_modifiers
 import rescomp_modifiers.modifiers as modifiers_module
+import rescomp_modifiers.selection as selection_module
 from rescomp_modifiers import CAEModifier, FOEMModifier, GPTAQModifier
 from rescomp_modifiers.full_precision_stream import MissingFullPrecisionStream
 
@@ -42,7 +43,7 @@ def run_oneshot(model_dir, recipe, **kwargs):
 def solver_calls(monkeypatch):
     """Record what each module handed to the solver."""
     calls = {}
-    original = modifiers_module.compensate_weight
+    original = selection_module.compensate_weight
 
     def recording(*args, **kwargs):
         # a batch item is one module or modules row-stacked on shared statistics
@@ -52,7 +53,7 @@ def solver_calls(monkeypatch):
                 calls[name] = None if asymmetry is None else asymmetry[index].clone()
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(modifiers_module, "compensate_weight", recording)
+    monkeypatch.setattr(selection_module, "compensate_weight", recording)
     return calls
 
 
@@ -107,8 +108,8 @@ def test_modules_sharing_an_input_share_one_statistics_computation_and_solve(
     original = statistics.compute_increments
     monkeypatch.setattr(statistics, "compute_increments",
                         lambda *args: calls.append(args) or original(*args))
-    original_solve = modifiers_module.compensate_weight
-    monkeypatch.setattr(modifiers_module, "compensate_weight",
+    original_solve = selection_module.compensate_weight
+    monkeypatch.setattr(selection_module, "compensate_weight",
                         lambda *args, **kwargs: solved.extend(kwargs["module_names"])
                         or original_solve(*args, **kwargs))
     model = run_oneshot(tiny_model_dir, [GPTAQModifier(ignore=IGNORE, config_groups=GROUP32)],

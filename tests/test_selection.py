@@ -1,0 +1,239 @@
+"""Per-module candidate selection (guard, coefficient search, least-squares re-solve),
+each piece against an independent oracle computed from explicit activations."""
+
+import pytest
+import torch
+from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.quantization.utils import calculate_qparams
+
+from rescomp_modifiers import CAEModifier, FOEMModifier, GPTAQModifier
+from rescomp_modifiers.compensation import (
+    CompensationTerms,
+    layer_output_error,
+    least_squares_start,
+)
+from rescomp_modifiers.selection import (
+    GPTQ_LABEL,
+    Candidate,
+    Statistics,
+    select_and_solve,
+    solve_candidate,
+)
+
+from conftest import calibration_dataset
+from test_modifiers import GROUP32, IGNORE, run_oneshot, targeted_linear_names
+
+ARGS = QuantizationArgs(num_bits=3, type="int", symmetric=True, strategy="group", group_size=8)
+
+
+def activations(rows=12, columns=16, tokens=400, drift=0.3, seed=0, sign=1.0):
+    """W0, X_q and X_fp (``[columns, tokens]``) with the statistics as the pipeline
+    normalizes them (2/N, N = number of sequences; here every token is one). The
+    full-precision inputs differ from the quantized ones by a fixed linear distortion
+    of them (as upstream quantization error is), scaled by ``sign * drift``."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(columns, columns, generator=generator, dtype=torch.float64)
+    x_q = mixing @ torch.randn(columns, tokens, generator=generator, dtype=torch.float64)
+    distortion = torch.randn(columns, columns, dtype=torch.float64,
+                             generator=torch.Generator().manual_seed(100)) / columns ** 0.5
+    x_fp = x_q + sign * drift * distortion @ x_q
+    w0 = torch.randn(rows, columns, dtype=torch.float64,
+                     generator=torch.Generator().manual_seed(200))
+    return w0, x_q, x_fp
+
+
+def statistics_of(x_q, x_fp):
+    tokens = x_q.shape[1]
+    hessian = 2 / tokens * x_q @ x_q.T
+    asymmetry = 2 / tokens * (x_fp - x_q) @ x_q.T
+    return Statistics(hessian[None].float(), asymmetry[None].float())
+
+
+def qparams(w0):
+    groups = w0.float().reshape(w0.shape[0], -1, ARGS.group_size)
+    scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), ARGS)
+    return scale[None], zero_point[None]
+
+
+def test_layer_output_error_equals_the_error_computed_from_activations():
+    w0, x_q, x_fp = activations()
+    stats = statistics_of(x_q, x_fp)
+    tokens = x_q.shape[1]
+    generator = torch.Generator().manual_seed(1)
+    candidates = [w0 + 0.1 * torch.randn(w0.shape, generator=generator, dtype=torch.float64)
+                  for _ in range(3)]
+    from_statistics = [float(layer_output_error(q[None], w0[None], stats.hessians,
+                                                stats.asymmetry)) for q in candidates]
+    from_activations = [2 / tokens * float((w0 @ x_fp - q @ x_q).square().sum())
+                        for q in candidates]
+    # equal up to one constant shared by every candidate
+    differences = [a - b for a, b in zip(from_statistics, from_activations)]
+    assert max(differences) - min(differences) < 1e-3 * max(map(abs, from_activations))
+    # and without D, GPTQ's own objective ||(W0 - Q) X_q||^2
+    plain = [float(layer_output_error(q[None], w0[None], stats.hessians)) for q in candidates]
+    truth = [2 / tokens * float(((w0 - q) @ x_q).square().sum()) for q in candidates]
+    offsets = [a - b for a, b in zip(plain, truth)]
+    assert max(offsets) - min(offsets) < 1e-3 * max(map(abs, truth))
+
+
+def test_least_squares_start_equals_a_brute_force_ridge_solve():
+    w0, x_q, x_fp = activations(drift=0.5)
+    stats = statistics_of(x_q, x_fp)
+    percdamp = 0.05
+    start = least_squares_start(w0[None].float(), stats.hessians, stats.asymmetry, percdamp)
+    # ridge: min ||W X_q - W0 X_fp||^2 * 2/N + lambda ||W||^2, by lstsq on the stacked system
+    tokens, columns = x_q.shape[1], x_q.shape[0]
+    hessian = 2 / tokens * x_q @ x_q.T
+    damping = percdamp * torch.diagonal(hessian).mean()
+    design = torch.cat([(2 / tokens) ** 0.5 * x_q.T, damping.sqrt() * torch.eye(columns,
+                                                                             dtype=torch.float64)])
+    target = torch.cat([(2 / tokens) ** 0.5 * (w0 @ x_fp).T,
+                        torch.zeros(columns, w0.shape[0], dtype=torch.float64)])
+    ridge = torch.linalg.lstsq(design, target).solution.T
+    torch.testing.assert_close(start[0].double(), ridge, rtol=1e-4, atol=1e-4)
+    # it fits the full-precision output better than W0 does on the same tokens
+    assert (start[0].double() @ x_q - w0 @ x_fp).norm() < (w0 @ x_q - w0 @ x_fp).norm()
+
+
+def _brute_force_winner(results, w0, x_q, x_fp):
+    errors = {label: float((w0 @ x_fp - q.double() @ x_q).square().sum())
+              for label, q in results.items()}
+    return min(errors, key=errors.get)
+
+
+@pytest.mark.parametrize("judge_drift_sign", [1.0, -1.0])
+def test_selection_keeps_the_candidate_with_the_smaller_held_out_error(judge_drift_sign):
+    """Fit on data whose full-precision inputs drift one way; judge on data that drifts
+    the same way (GPTAQ's fit generalizes) or the opposite way (it hurts). The winner
+    must be the brute-force argmin of the held-out activations' error, and the result
+    the winner solved again on the refit statistics."""
+    w0, x_q, x_fp = activations(drift=0.3, seed=3)
+    _, x_q_judge, x_fp_judge = activations(drift=0.3, seed=4, sign=judge_drift_sign)
+    fit, judge = statistics_of(x_q, x_fp), statistics_of(x_q_judge, x_fp_judge)
+    refit = statistics_of(torch.cat([x_q, x_q_judge], 1), torch.cat([x_fp, x_fp_judge], 1))
+    weights = w0[None].float()
+    scale, zero_point = qparams(w0)
+    candidates = [
+        Candidate("GPTAQ", CompensationTerms(asymmetric_coefficient=1.0)),
+        Candidate(GPTQ_LABEL, CompensationTerms()),
+        Candidate("least-squares", CompensationTerms(), least_squares_start=True),
+    ]
+    options = dict(percdamp=0.01, blocksize=8)
+    solved = {c.label: solve_candidate(c, weights, fit, scale, zero_point, None, ARGS,
+                                       **options).quantized[0] for c in candidates}
+    expected = _brute_force_winner(solved, w0, x_q_judge, x_fp_judge)
+    selection = select_and_solve(candidates, weights, fit, judge, refit, scale, zero_point,
+                                 None, ARGS, **options)
+    assert selection.winners == [expected]
+    winner = next(c for c in candidates if c.label == expected)
+    again = solve_candidate(winner, weights, refit, scale, zero_point, None, ARGS, **options)
+    assert torch.equal(selection.result.quantized, again.quantized)
+    relative = selection.relative_to_gptq[0]
+    # the winner is never worse than GPTQ on the judged tokens (None: GPTQ itself beats
+    # the unquantized weights there, so no ratio is defined)
+    assert relative is None or relative <= 1.0 + 1e-9
+
+
+def test_selection_needs_both_outcomes():
+    """The case above is a real test only if the two judge sets pick differently."""
+    winners = []
+    for sign in (1.0, -1.0):
+        w0, x_q, x_fp = activations(drift=0.3, seed=3)
+        _, x_q_judge, x_fp_judge = activations(drift=0.3, seed=4, sign=sign)
+        scale, zero_point = qparams(w0)
+        selection = select_and_solve(
+            [Candidate("GPTAQ", CompensationTerms(asymmetric_coefficient=1.0)),
+             Candidate(GPTQ_LABEL, CompensationTerms())],
+            w0[None].float(), statistics_of(x_q, x_fp), statistics_of(x_q_judge, x_fp_judge),
+            None, scale, zero_point, None, ARGS, percdamp=0.01, blocksize=8)
+        winners.append(selection.winners[0])
+    assert winners == ["GPTAQ", GPTQ_LABEL]
+
+
+@pytest.mark.parametrize("holdout_every", [0, 4])
+def test_guarded_oneshot_records_a_choice_per_solved_unit(tiny_model_dir, holdout_every):
+    modifier = CAEModifier(ignore=IGNORE, config_groups=GROUP32, guard="gptq",
+                           coefficient_candidates=[0.5], least_squares_candidate=True,
+                           holdout_every=holdout_every)
+    model = run_oneshot(tiny_model_dir, [modifier])
+    summary = modifier.selection_summary()
+    layers = len(model.model.layers)
+    # q/k/v and gate/up are row-stacked: 4 solved units per layer
+    assert sum(sum(counts.values()) for counts in summary.values()) == 4 * layers
+    assert set(summary) == {"self_attn.q_proj + self_attn.k_proj + self_attn.v_proj",
+                            "self_attn.o_proj", "mlp.gate_proj + mlp.up_proj", "mlp.down_proj"}
+    for counts in summary.values():
+        assert set(counts) <= {"CAE", "CAE@0.5", GPTQ_LABEL, "least-squares"}
+    for name in targeted_linear_names(model):
+        assert torch.isfinite(model.get_submodule(name).weight).all()
+
+
+def test_holdout_batches_are_kept_out_of_the_fit(tiny_model_dir, monkeypatch):
+    """With holdout_every=4 and 8 batches, 2 of each module's batches are held out: the
+    fit sees 6 samples, the refit all 8."""
+    import rescomp_modifiers.selection as selection
+
+    seen = []
+    original = selection.select_and_solve
+    monkeypatch.setattr("rescomp_modifiers.modifiers.select_and_solve",
+                        lambda *a, **k: seen.append(a) or original(*a, **k))
+    run_oneshot(tiny_model_dir, [GPTAQModifier(ignore=IGNORE, config_groups=GROUP32,
+                                               guard="gptq", holdout_every=4)])
+    assert seen
+    for _, _, fit, judge, refit, *_ in seen:
+        assert refit is not None
+        # normalized sums: refit = (6 fit + 2 held-out samples) / 8
+        torch.testing.assert_close(refit.hessians, (6 * fit.hessians + 2 * judge.hessians) / 8,
+                                   rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(fit.hessians, judge.hessians)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("block_size", -8), ("block_size", 0), ("holdout_every", 1),
+])
+def test_invalid_solver_settings_fail_when_the_recipe_is_parsed(field, value):
+    from llmcompressor.recipe import Recipe
+
+    recipe = f"""
+quant_stage:
+  quant_modifiers:
+    CAEModifier:
+      scheme: W4A16
+      {field}: {value}
+"""
+    with pytest.raises(Exception, match=field):
+        Recipe.create_instance(recipe)
+
+
+@pytest.mark.parametrize("cls, field, value", [
+    (GPTAQModifier, "asymmetric_coefficient", -0.5),
+    (CAEModifier, "compensation_aware_coefficient", 5),
+    (FOEMModifier, "first_order_coefficient", 3),
+    (CAEModifier, "coefficient_candidates", [0.25, 2.0]),
+])
+def test_coefficients_outside_their_range_are_refused(cls, field, value):
+    with pytest.raises(ValueError, match=r"must lie in \[0.0, 1.0\]"):
+        cls(scheme="W4A16", **{field: value})
+
+
+def test_least_squares_candidate_needs_the_full_precision_stream(tiny_model_dir):
+    with pytest.raises(ValueError, match="least_squares_candidate .* needs the full-precision"):
+        run_oneshot(tiny_model_dir, [CAEModifier(ignore=IGNORE, config_groups=GROUP32,
+                                                 statistics="gptq",
+                                                 least_squares_candidate=True)])
+
+
+@pytest.mark.parametrize("module", ["model.layers.0.self_attn.q_proj",
+                                    "model.layers.1.mlp.down_proj"])
+def test_non_finite_weights_are_refused_before_calibration_naming_the_module(
+        tiny_model_dir, monkeypatch, module):
+    from transformers import AutoModelForCausalLM
+    from llmcompressor import oneshot
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.get_submodule(module).weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=f"weights of {module} contain NaN or Inf"):
+        oneshot(model=model, dataset=calibration_dataset(),
+                recipe=[CAEModifier(ignore=IGNORE, config_groups=GROUP32)],
+                max_seq_length=32, num_calibration_samples=8)
