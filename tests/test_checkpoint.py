@@ -251,12 +251,14 @@ def test_recipe_of_each_documented_composition_parses_with_safe_load(
     assert {first, "CAEModifier"} <= rebuilt
 
 
-def test_second_stage_on_a_saved_smoothquant_checkpoint(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("in_place", [False, True], ids=["new directory", "in place"])
+def test_second_stage_on_a_saved_smoothquant_checkpoint(tiny_model_dir, tmp_path, in_place):
     smoothed = tmp_path / "smoothed"
     quantize(tiny_model_dir, [_smoothquant()]).save_pretrained(smoothed, save_compressed=True)
     model = quantize(smoothed)
     expected = logits(model)
-    out = tmp_path / "smoothed_cae"
+    # in place, the recipe and config upstream merges from are read from the target itself
+    out = smoothed if in_place else tmp_path / "smoothed_cae"
     model.save_pretrained(out, save_compressed=True)
 
     stages = yaml.safe_load((out / "recipe.yaml").read_text())
