@@ -35,7 +35,9 @@ CONFIG_NAME = "config.json"
 RECIPE_NAME = "recipe.yaml"
 
 #: weight files a new save replaces; carrying old ones over would mix two models
-_WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
+_WEIGHT_FILE = re.compile(
+    r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?"
+)
 
 #: safetensors dtypes whose values can be NaN or Inf
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0"}
@@ -225,9 +227,10 @@ def _swap_into_place(partial: Path, final: Path, save_id: str) -> None:
     3. ``partial`` -> ``final``: the new checkpoint is in place.
     4. ``.<name>.old-<id>`` removed.
 
-    An error in 3 renames the old checkpoint back. A kill between 2 and 3 leaves the old one at ``.<name>.old-<id>``; a kill in 4 leaves
-    part of it there. :func:`recover_checkpoint`, run by the next save, moves it back or
-    removes it. A save into a fresh path is step 3 alone.
+    An error in 3 renames the old checkpoint back. A kill between 2 and 3 leaves the old
+    one at ``.<name>.old-<id>``; a kill in 4 leaves part of it there.
+    :func:`recover_checkpoint`, run by the next save, moves it back or removes it. A save
+    into a fresh path is step 3 alone.
     """
     if not final.exists():
         os.rename(partial, final)

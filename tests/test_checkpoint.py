@@ -1,4 +1,4 @@
-"""Saved checkpoints: a complete one exists at every instant, finite, with a plain-YAML recipe."""
+"""Saved checkpoints: one complete checkpoint at every instant, finite, plain-YAML recipe."""
 
 import hashlib
 import os
@@ -117,7 +117,9 @@ def test_failed_second_rename_puts_the_old_checkpoint_back_at_once(two_checkpoin
     assert hidden_entries(out.parent) == []
 
 
-def test_killed_while_removing_the_old_checkpoint_keeps_the_new_one(two_checkpoints, monkeypatch):
+def test_killed_while_removing_the_old_checkpoint_keeps_the_new_one(
+    two_checkpoints, monkeypatch
+):
     out, old_digest, new = two_checkpoints
     import rescomp_modifiers.checkpoint as checkpoint
 
@@ -247,8 +249,8 @@ def test_recipe_of_each_documented_composition_parses_with_safe_load(
     [stage] = yaml.safe_load(text).values()
     assert {first, "CAEModifier"} <= set(stage["default_modifiers"])
     # and llm-compressor builds the same modifiers from it again
-    rebuilt = {type(m).__name__ for m in Recipe.create_instance(str(out / "recipe.yaml")).modifiers}
-    assert {first, "CAEModifier"} <= rebuilt
+    rebuilt = Recipe.create_instance(str(out / "recipe.yaml")).modifiers
+    assert {first, "CAEModifier"} <= {type(modifier).__name__ for modifier in rebuilt}
 
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["new directory", "in place"])
@@ -269,13 +271,15 @@ def test_second_stage_on_a_saved_smoothquant_checkpoint(tiny_model_dir, tmp_path
     assert hidden_entries(tmp_path) == []
 
 
-def test_unparsable_recipe_of_the_source_model_is_refused_before_writing(tiny_model_dir, tmp_path):
+def test_unparsable_recipe_of_the_source_model_is_refused_before_writing(
+    tiny_model_dir, tmp_path
+):
     # what llm-compressor wrote after SmoothQuant before tuples were dumped as lists
     (tiny_model_dir / "recipe.yaml").write_text(
         "default_stage:\n  default_modifiers:\n    SmoothQuantModifier:\n      mappings:\n"
         "      - !!python/tuple\n        - ['re:.*q_proj']\n        - re:.*input_layernorm\n"
     )
     model = quantize(tiny_model_dir)
-    with pytest.raises(ValueError, match=r"recipe.yaml \(the recipe of the model .*!!python/tuple"):
+    with pytest.raises(ValueError, match=r"\(the recipe of the model .*python/tuple"):
         model.save_pretrained(tmp_path / "out", save_compressed=True)
     assert os.listdir(tmp_path) == []
