@@ -1,27 +1,49 @@
-"""Checkpoints that load back: plain-YAML recipes and atomic saves."""
+"""Checkpoints that load back: plain-YAML recipes and directory-level atomic saves.
+
+A save never leaves the target without a complete checkpoint, never writes non-finite
+tensors, and never writes a ``recipe.yaml`` that ``yaml.safe_load`` (what llm-compressor
+uses to read it back for a later stage) cannot parse.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from enum import Enum
 from functools import wraps
 from pathlib import Path
 
+import torch
 import yaml
+from compressed_tensors.distributed import is_source_process
 from compressed_tensors.quantization import (
     ActivationOrdering,
     QuantizationStrategy,
     QuantizationType,
 )
+from loguru import logger
+from safetensors import safe_open
 
 from rescomp_modifiers.compensation import GroupScales, LazyUpdate, Semantics
 
-__all__ = ["register_yaml_enums", "make_save_atomic"]
+__all__ = ["register_yaml_enums", "make_save_atomic", "recover_checkpoint"]
 
-#: written last and removed first: transformers cannot load a directory without it
+#: transformers cannot load a directory without it: what makes a checkpoint complete
 CONFIG_NAME = "config.json"
+RECIPE_NAME = "recipe.yaml"
+
+#: weight files a new save replaces; carrying old ones over would mix two models
+_WEIGHT_FILE = re.compile(
+    r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?"
+)
+
+#: safetensors dtypes whose values can be NaN or Inf
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0"}
+
+#: how many offending tensors an error names before it only counts the rest
+_NAMED_AT_MOST = 10
 
 
 def _represent_str_enum(dumper: yaml.Dumper, value: Enum):
@@ -29,25 +51,216 @@ def _represent_str_enum(dumper: yaml.Dumper, value: Enum):
 
 
 def register_yaml_enums() -> None:
-    """Dump string enums as plain strings, so ``recipe.yaml`` parses with safe_load.
+    """Dump string enums and tuples as plain YAML, so ``recipe.yaml`` parses with safe_load.
 
     llm-compressor writes the recipe with ``yaml.dump``, which tags enum members as
-    ``!!python/object/apply`` (e.g. ``actorder`` inside ``config_groups``); such a file
-    only loads with an unsafe loader.
+    ``!!python/object/apply`` (e.g. ``actorder`` inside ``config_groups``) and tuples as
+    ``!!python/tuple`` (SmoothQuant's ``mappings``). Such a file only loads with an unsafe
+    loader, and llm-compressor itself reads the recipe of a saved checkpoint back with
+    ``safe_load`` when a later stage saves on top of it. Tuples become lists, which
+    every modifier field that holds them accepts.
     """
     for enum_type in (
         ActivationOrdering, QuantizationStrategy, QuantizationType,
         Semantics, GroupScales, LazyUpdate,
     ):
         yaml.add_representer(enum_type, _represent_str_enum)
+    yaml.add_representer(tuple, yaml.Dumper.represent_list)
+
+
+def _leftovers(final: Path, kind: str) -> list[Path]:
+    """Our own ``.<name>.<kind>-<id>`` directories beside ``final``, newest first."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.{kind}-[0-9a-f]{{8}}")
+    if not final.parent.is_dir():
+        return []
+    found = [
+        entry for entry in final.parent.iterdir()
+        if pattern.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink()
+    ]
+    return sorted(found, key=lambda entry: entry.stat().st_mtime, reverse=True)
+
+
+def recover_checkpoint(save_directory: str | os.PathLike) -> None:
+    """Restore or clean up what an interrupted save into ``save_directory`` left behind.
+
+    Every save runs this first; call it yourself to restore a checkpoint without saving.
+    Only directories that fully match ``.<name>.partial-<8 hex>`` or
+    ``.<name>.old-<8 hex>`` beside the target are touched:
+
+    - ``.<name>.partial-*`` were being written and never complete: removed.
+    - ``.<name>.old-*`` hold the complete previous checkpoint, renamed aside during a
+      swap. If the target is missing, the newest one is moved back; if the target is a
+      directory without ``config.json`` (not loadable), it is removed and the newest one
+      is moved back. Otherwise the target is the new complete checkpoint and they are
+      removed.
+    """
+    final = _resolve_target(save_directory)
+    for partial in _leftovers(final, "partial"):
+        logger.info(f"Removing {partial}, left by an interrupted save (never complete)")
+        shutil.rmtree(partial)
+    old = _leftovers(final, "old")
+    if not old:
+        return
+    if final.is_dir() and not final.is_symlink() and not (final / CONFIG_NAME).exists():
+        logger.warning(f"Removing {final}: it has no {CONFIG_NAME}; the complete "
+                       f"checkpoint saved before it is {old[0]}")
+        shutil.rmtree(final)
+    if not os.path.lexists(final):
+        logger.warning(f"Restoring {final} from {old[0]}, left by an interrupted save")
+        os.rename(old[0], final)
+        old = old[1:]
+    for stale in old:
+        logger.info(f"Removing {stale}, the previous checkpoint of a finished save")
+        shutil.rmtree(stale)
+
+
+def _resolve_target(save_directory: str | os.PathLike) -> Path:
+    final = Path(save_directory).absolute()
+    # a link to a directory: swap the directory it names, keep the link
+    return final.resolve() if final.is_symlink() and final.is_dir() else final
+
+
+def _check_target(final: Path) -> None:
+    if final.exists() and not final.is_dir():
+        raise NotADirectoryError(
+            f"Cannot save a checkpoint to {final}: it is an existing file, not a "
+            "directory. Choose another path or remove the file."
+        )
+    if os.path.lexists(final) and not final.exists():
+        raise FileNotFoundError(
+            f"Cannot save a checkpoint to {final}: it is a broken symbolic link. "
+            "Remove it or point it at a directory."
+        )
+
+
+def _check_source_recipe(model) -> None:
+    """The recipe upstream will merge into the new one must parse: fail before writing."""
+    source = Path(str(getattr(model, "name_or_path", "") or ""))
+    recipe = source / RECIPE_NAME
+    if not str(source) or not recipe.is_file():
+        return
+    try:
+        yaml.safe_load(recipe.read_text())
+    except yaml.YAMLError as error:
+        first_line = str(error).splitlines()[0]
+        raise ValueError(
+            f"{recipe} (the recipe of the model this one was loaded from, which the "
+            f"new recipe.yaml appends to) does not parse with yaml.safe_load: "
+            f"{first_line}. Rewrite its python-tagged entries (e.g. !!python/tuple) "
+            "as plain YAML lists, or re-save that stage with rescomp_modifiers imported."
+        ) from error
+
+
+def _non_finite_tensors(directory: Path) -> list[str]:
+    """Names of the floating-point tensors in ``directory``'s shards holding NaN or Inf."""
+    offending = []
+    for shard in sorted(directory.glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as tensors:
+            for name in tensors.keys():
+                if tensors.get_slice(name).get_dtype() not in _FLOAT_DTYPES:
+                    continue
+                flat = tensors.get_tensor(name).reshape(-1)
+                # in pieces: a float32 copy of a whole embedding table is large
+                if not all(torch.isfinite(piece.float()).all()
+                           for piece in flat.split(1 << 24)):
+                    offending.append(f"{name} ({shard.name})")
+    return offending
+
+
+def _check_finite(directory: Path) -> None:
+    offending = _non_finite_tensors(directory)
+    if offending:
+        named = ", ".join(offending[:_NAMED_AT_MOST])
+        more = len(offending) - _NAMED_AT_MOST
+        raise ValueError(
+            f"Refusing to save a checkpoint with non-finite values: NaN or Inf in "
+            f"{named}{f' and {more} more' if more > 0 else ''}. Check the weights of "
+            "those modules and the calibration data; nothing was saved."
+        )
+
+
+def _check_recipe(directory: Path) -> None:
+    recipe = directory / RECIPE_NAME
+    if not recipe.is_file():
+        return
+    try:
+        yaml.safe_load(recipe.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(
+            f"The recipe.yaml being saved does not parse with yaml.safe_load: "
+            f"{str(error).splitlines()[0]}; nothing was saved. Register a YAML "
+            "representer for that type (see rescomp_modifiers.checkpoint)."
+        ) from error
+
+
+def _carry_over(final: Path, partial: Path) -> None:
+    """Files of the old target the new save did not write (a tokenizer, say) stay.
+
+    Hard links where the filesystem allows: nothing is copied, and removing the old
+    directory later leaves these files in place.
+    """
+    for entry in final.iterdir():
+        if os.path.lexists(partial / entry.name) or _WEIGHT_FILE.fullmatch(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, partial / entry.name, symlinks=True,
+                            copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, partial / entry.name)
+
+
+def _link_or_copy(source, destination) -> None:
+    if os.path.islink(source):
+        os.symlink(os.readlink(source), destination)
+        return
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def _swap_into_place(partial: Path, final: Path, save_id: str) -> None:
+    """Rename sequence in which a complete checkpoint is always at a stated path.
+
+    1. ``final`` holds the old checkpoint (or does not exist), ``partial`` the new one.
+    2. ``final`` -> ``.<name>.old-<id>``: the old checkpoint is there, ``final`` is free.
+    3. ``partial`` -> ``final``: the new checkpoint is in place.
+    4. ``.<name>.old-<id>`` removed.
+
+    An error in 3 renames the old checkpoint back. A kill between 2 and 3 leaves the old
+    one at ``.<name>.old-<id>``; a kill in 4 leaves part of it there.
+    :func:`recover_checkpoint`, run by the next save, moves it back or removes it. A save
+    into a fresh path is step 3 alone.
+    """
+    if not final.exists():
+        os.rename(partial, final)
+        return
+    old = final.parent / f".{final.name}.old-{save_id}"
+    os.rename(final, old)
+    try:
+        os.rename(partial, final)
+    except Exception:
+        # still running: put the old checkpoint back at once rather than on the next save
+        os.rename(old, final)
+        raise
+    shutil.rmtree(old)
 
 
 def make_save_atomic(model) -> None:
-    """Wrap ``model.save_pretrained`` so an interrupted save never looks like a model.
+    """Wrap ``model.save_pretrained`` so that a complete checkpoint exists at every instant.
 
-    The checkpoint is written into a hidden sibling directory, then moved into place
-    file by file with ``config.json`` removed first and written last. Only wraps
-    llm-compressor's own (compressing) wrapper, so it never hides that one.
+    Each save first recovers what an earlier interrupted save left behind
+    (:func:`recover_checkpoint`), refuses a target that is a file, then writes the whole
+    new checkpoint into a hidden sibling ``.<name>.partial-<id>``, refuses it (removing
+    it, leaving the old checkpoint untouched) if a floating-point tensor holds NaN or Inf
+    or its ``recipe.yaml`` does not parse with ``safe_load``, carries over files of the
+    old target that the save did not rewrite, and swaps the directories (see
+    :func:`_swap_into_place`). One save at a time per target: a concurrent save's partial
+    directory would be taken for a leftover.
+
+    Only wraps llm-compressor's own (compressing) wrapper, so it never hides that one.
+    Ranks other than the source process write nothing (upstream saves from one process),
+    so they call it directly.
     """
     inner = model.save_pretrained
     if getattr(inner, "_rescomp_atomic", False) or not getattr(inner, "_overridden", False):
@@ -55,26 +268,24 @@ def make_save_atomic(model) -> None:
 
     @wraps(inner)
     def atomic_save_pretrained(save_directory, *args, **kwargs):
-        final = Path(save_directory)
-        partial = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
+        if not is_source_process():
+            return inner(save_directory, *args, **kwargs)
+        final = _resolve_target(save_directory)
+        _check_target(final)
+        _check_source_recipe(model)
+        recover_checkpoint(final)
+        save_id = uuid.uuid4().hex[:8]
+        partial = final.parent / f".{final.name}.partial-{save_id}"
         partial.mkdir(parents=True)
         try:
-            # upstream appends to an existing recipe.yaml in the target directory
-            if (final / "recipe.yaml").exists():
-                shutil.copy2(final / "recipe.yaml", partial / "recipe.yaml")
             result = inner(str(partial), *args, **kwargs)
             if not (partial / CONFIG_NAME).exists():
                 raise RuntimeError(f"save_pretrained wrote no {CONFIG_NAME} into {partial}")
-            final.mkdir(parents=True, exist_ok=True)
-            (final / CONFIG_NAME).unlink(missing_ok=True)
-            # shards of an earlier save would otherwise mix with the new ones
-            for stale in final.glob("model*.safetensors*"):
-                stale.unlink()
-            for item in sorted(partial.iterdir(), key=lambda p: p.name == CONFIG_NAME):
-                target = final / item.name
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                os.replace(item, target)
+            _check_finite(partial)
+            _check_recipe(partial)
+            if final.is_dir():
+                _carry_over(final, partial)
+            _swap_into_place(partial, final, save_id)
             return result
         finally:
             shutil.rmtree(partial, ignore_errors=True)
