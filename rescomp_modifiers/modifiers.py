@@ -259,7 +259,6 @@ class CompensationModifier(GPTQModifier):
                 terms=terms,
                 blocksize=self.block_size,
                 percdamp=self.dampening_frac,
-                module_names=names,
             )
             losses = [part.sum() for part in per_module(result.row_losses)]
             for comp_logger, loss in zip(comp_loggers, losses):
