@@ -534,19 +534,22 @@ def _compensation_loop(plan, W, W0, D, Hinv, quantizer, used_rtn_fallback, block
         pending = 0  # columns pending:i have updated their window, not the columns after it
         window_end = min(window, block.count)
         for i in range(block.count):
-            if i == window_end:
+            if i == window_end:  # the window's columns update the rest of the block
                 block.flush(pending, i, i)
                 pending, window_end = i, min(i + window, block.count)
                 if plan.next_column_pull:
                     block.pull_toward_original(i, pull)
             if dynamic is not None and dynamic.starts_group(i1 + i):
+                # a new group's scales come from its members' exact latent values
                 block.flush(pending, i, window_end)
                 pending = i
                 dynamic.compute(i1 + i, block.latent_snapshot(i))
                 block.refresh_scales()
+            # q = Q(w); e and -v; W[:, c+1:window_end] -= e U[c] - v P[c]
             block.quantize_column(i, window_end)
             if plan.next_column_pull and i + 1 < window_end:
                 block.pull_toward_original(i + 1, pull)
+        # loss, Q into W, and the lazy update of the columns after the block
         block.finish(losses)
     return W
 
