@@ -7,9 +7,9 @@ worker (vLLM's own environment, built in the cache on first use) and compared wi
 that one backend: greedy answers, perplexity from prompt log-probabilities on held-out
 Brown documents, generation throughput in interleaved rounds, and lm-eval's vLLM
 backend on a local perplexity task. A 3-bit checkpoint must be reported as not servable
-on CPU. Measured on 2 cores with the caches in place: 5.7-7.3 min alone (GPTQ 1-2.6 min, CAE
-1.5-2 min, vLLM worker 2.5 min); 19 min while another full test suite ran beside it. The
-first run also builds vLLM's environment (about 4 min, 4 GB) and the model (40 s).
+on CPU. It takes about 6-7 min on 2 cores with the caches in place (a third of it the
+vLLM worker); the first run also builds vLLM's environment (about 4 min, 4 GB) and the
+model (40 s).
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ CAE_VS_GPTQ_MARGIN = 1.10
 THROUGHPUT = {"batch_size": 4, "prompt_len": 32, "output_len": 32, "rounds": 5,
               "models": ["dense", "gptq", "cae"]}
 # Round-to-nearest with a zero point: it checks that vLLM decodes asymmetric checkpoints
-# (zero points packed by compressed-tensors), whatever computed the values; RTN is worse
-# than GPTQ by about 8% word perplexity on this model (ENVIRONMENT.md), a broken zero
+# (zero points packed by compressed-tensors), whatever computed the values; at 4 bits RTN
+# is worse than GPTQ by a few percent on this model (the README's table), a broken zero
 # point by orders of magnitude.
 RTN_ASYM_VS_GPTQ_MARGIN = 1.5
 # Floor of the CAE/GPTQ throughput tolerance; the measured spread can only widen it.

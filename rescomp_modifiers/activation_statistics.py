@@ -8,9 +8,9 @@ samples, exactly like llm-compressor's Hessian::
     D += 2 (x_fp - x_q)^T x_q
 
 Modules that read the same input tensor (q/k/v of an attention block, gate/up of an
-MLP) get the same increments, so they are computed once per input (with D that is two
-``tokens x features^2`` products saved per sharing module; before this, H and D
-accumulation were 26% of a GPTAQ+CAE oneshot on SmolLM2) and summed once for the whole
+MLP) get the same increments, so they are computed once per input (with D, two
+``tokens x features^2`` products saved per sharing module: computed per module, H and D
+take about a quarter of a GPTAQ+CAE oneshot on SmolLM2) and summed once for the whole
 group: :class:`GroupedStatistics`. The modifiers then solve such a group as one
 row-stacked weight (GPTQ's update of a row depends only on that row, H and D).
 """

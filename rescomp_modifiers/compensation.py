@@ -1,6 +1,6 @@
 """The compensation solver: GPTQ, GPTAQ, CAE and FOEM in one batched column loop.
 
-Notation (see DESIGN.md): a Linear ``y = W x`` with ``W`` of shape ``[rows, columns]``;
+Notation (docs/design.md has the derivations): a Linear ``y = W x`` with ``W`` of shape ``[rows, columns]``;
 per calibration token ``x_q`` is the layer input in the quantized flow and ``x_fp`` the
 input in the untouched full-precision flow. Statistics, normalized like llm-compressor's
 Hessian (``2/N``, N = number of sequences)::
@@ -246,7 +246,8 @@ class CompensationResult:
     losses: torch.Tensor
     #: the same loss per row, ``[batch, rows]`` (for row-stacked modules)
     row_losses: torch.Tensor
-    #: per-item flag: the Hessian factorization failed, round-to-nearest was used
+    #: per-item flag: the Hessian factorization failed, round-to-nearest was used (the
+    #: solver does not log it; the modifier reports the modules once, upstream's way)
     used_rtn_fallback: torch.Tensor
     #: scales and zero points that quantize ``quantized`` (changed only by dynamic groups)
     scale: torch.Tensor
@@ -264,8 +265,7 @@ def projection_rows(asymmetry: torch.Tensor, hinv_factor: torch.Tensor, i1: int,
     computing P a block of rows at a time this way never holds the whole ``n x n``
     matrix. Both products skip U's zero triangle a ``chunk`` of columns at a time
     (column ``j`` of ``U^T`` is zero above row ``j``, column ``j`` of ``U`` below it),
-    which halves their cost: about ``2n^3/3`` flops for all of P instead of ``4n^3/3``
-    (measured: P was a third of the solve time of a 2048-wide layer).
+    which halves their cost: about ``2n^3/3`` flops for all of P instead of ``4n^3/3``.
     """
     trailing = hinv_factor[:, i1:, i1:]
     rows_in = asymmetry[:, i1:i2, i1:]
@@ -382,8 +382,8 @@ def _permute(tensor: torch.Tensor, perm: torch.Tensor, dim: int) -> torch.Tensor
 def _column_major(tensor: torch.Tensor, chunk: int = 128) -> torch.Tensor:
     """``tensor.transpose(1, 2).contiguous()``, a ``chunk`` of rows at a time.
 
-    Reading whole rows keeps the source accesses sequential: measured 2x faster on CPU
-    than one strided copy for an 8192 x 2048 weight (85 against 170 ms).
+    Reading whole rows keeps the source accesses sequential: about 2x faster on CPU than
+    one strided copy (an 8192 x 2048 weight on one core).
     """
     batch, rows, columns = tensor.shape
     out = tensor.new_empty(batch, columns, rows)
@@ -410,7 +410,6 @@ def compensate_weight(
     terms: CompensationTerms = CompensationTerms(),
     blocksize: int = 128,
     percdamp: float = 0.01,
-    module_names: list[str] | None = None,
 ) -> CompensationResult:
     """Quantize a batch of weights with any combination of the compensation terms.
 
@@ -422,7 +421,10 @@ def compensate_weight(
     :param original_weights: ``W0`` when the weights handed in are not the originals;
         defaults to ``weights`` (the usual case: nothing has touched them yet)
     :param terms: which terms to apply, see :class:`CompensationTerms`
-    :param module_names: names for warnings (e.g. a failed Cholesky)
+
+    The solver logs nothing: an item whose Hessian factorization failed is quantized
+    with round-to-nearest and flagged in :attr:`CompensationResult.used_rtn_fallback`,
+    for the caller to report under the module's name.
     """
     # the usual case: W0 is the weights handed in, the loop copies it from W
     w0_is_weights = original_weights is None or original_weights is weights
@@ -435,11 +437,8 @@ def compensate_weight(
     device = weights.device
     W = weights.to(dtype=GPTQ_PRECISION).clone()
     H = hessians.to(device=device, dtype=GPTQ_PRECISION).clone()
-    D = None
-    if asymmetry is not None and terms.asymmetric_coefficient != 0.0 or (
-        asymmetry is not None and terms.compensation_aware_coefficient != 0.0
-    ):
-        D = asymmetry.to(device=device, dtype=GPTQ_PRECISION)
+    plan = LoopPlan.build(terms, has_asymmetry=asymmetry is not None)
+    D = asymmetry.to(device=device, dtype=GPTQ_PRECISION) if plan.uses_asymmetry else None
     W0 = (
         original_weights.to(device=device, dtype=GPTQ_PRECISION)
         if terms.uses_original_weights and not w0_is_weights
@@ -476,46 +475,24 @@ def compensate_weight(
         if perm is not None:
             g_idx = torch.gather(g_idx, 1, perm)
 
-    asym = terms.asymmetric_coefficient if D is not None else 0.0
-    cae = terms.compensation_aware_coefficient
-    has_projection = D is not None and (asym != 0.0 or cae != 0.0)
-    plain = terms.is_plain_gptq(has_projection)
-
     losses = torch.zeros(batch_size, num_rows, device=device)
     used_rtn_fallback = torch.zeros(batch_size, dtype=torch.bool, device=device)
     dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0
     # both zero W's dead columns; plain GPTQ keeps upstream's own factorization (bit for
     # bit), the compensation loop takes the faster one (same U up to rounding)
-    factorize = factorize_hessian if plain else inverse_hessian_factor
+    factorize = factorize_hessian if plan.plain_gptq else inverse_hessian_factor
     Hinv = factorize(W, H, percdamp, used_rtn_fallback)
     del H
-    if used_rtn_fallback.any():
-        names = module_names or [f"batch item {i}" for i in range(batch_size)]
-        failed = [names[i] for i in used_rtn_fallback.nonzero().flatten().tolist()]
-        from loguru import logger
-
-        logger.warning(
-            f"Hessian Cholesky failed for {failed}: falling back to round-to-nearest "
-            "for these modules (no GPTQ, GPTAQ or CAE terms). Increase "
-            "dampening_frac or the number of calibration samples."
-        )
     if dead.any():
         if W0 is not None:
             W0 = W0.masked_fill(dead.unsqueeze(1), 0)
         if D is not None:
             D = D.masked_fill(dead.unsqueeze(1), 0)
-
-    if has_projection:
+    if D is not None:
         # A failed factorization means round-to-nearest: no projected terms at all.
         D = D.masked_fill(used_rtn_fallback.view(-1, 1, 1), 0)
 
-    static = terms.group_scales == GroupScales.STATIC
-    # v = (a - b) w + b w0: the b*w0 part does not depend on the loop. With scales fixed
-    # before the loop it becomes an error shift (module docstring), without P.
-    driver_in_loop = has_projection and (asym != cae or not static)
-    w0_error_shift = has_projection and cae != 0.0 and static
-
-    if plain:
+    if plan.plain_gptq:
         return _finish(
             _upstream_loop(W, Hinv, scale, zero_point, global_scale, g_idx, quant_args,
                            blocksize, losses),
@@ -530,20 +507,15 @@ def compensate_weight(
         # W0 == W here when W0 is the weights handed in (same permutation, same dead
         # columns zeroed): a copy is ~10x cheaper than a second transposition
         W0 = W.clone() if W0 is None else _column_major(W0)
-    columns_major = _compensation_loop(
-        W, W0, D, Hinv, scale, zero_point, global_scale, g_idx, quant_args, terms,
-        asymmetric=asym, static=static, driver_in_loop=driver_in_loop,
-        w0_error_shift=w0_error_shift, used_rtn_fallback=used_rtn_fallback, blocksize=blocksize,
-        losses=losses,
-    )
+    quantizer = _ColumnQuantizer(scale, zero_point, global_scale, g_idx, quant_args, num_rows)
+    columns_major = _compensation_loop(plan, W, W0, D, Hinv, quantizer, used_rtn_fallback,
+                                       blocksize, losses)
     return _finish(columns_major, perm, losses, used_rtn_fallback, scale, zero_point,
                    final_dtype, column_major=True)
 
 
-def _compensation_loop(W, W0, D, Hinv, scale, zero_point, global_scale, g_idx, quant_args,
-                       terms, *, asymmetric, static, driver_in_loop, w0_error_shift,
-                       used_rtn_fallback, blocksize, losses):
-    """The column loop with the compensation terms on column-major ``W`` and ``W0``.
+def _compensation_loop(plan, W, W0, D, Hinv, quantizer, used_rtn_fallback, blocksize, losses):
+    """GPTQ's lazy block loop with the compensation terms, on column-major ``W``, ``W0``.
 
     ``W`` and ``W0`` are ``[batch, columns, rows]``; ``W`` is quantized in place and
     returned. Within a block, in-block updates are themselves lazy over windows of
@@ -551,151 +523,264 @@ def _compensation_loop(W, W0, D, Hinv, scale, zero_point, global_scale, g_idx, q
     the window's columns update the rest of the block as one matmul when it ends (the
     same arithmetic as every column updating every later one, regrouped).
     """
-    _, num_columns, num_rows = W.shape
-    device = W.device
-    asym = asymmetric
-    cae = terms.compensation_aware_coefficient
-    first_order = terms.first_order_coefficient
-    altered_qargs = copy(quant_args)
-    altered_qargs.strategy = QuantizationStrategy.CHANNEL
-    q_min, q_max = calculate_range(quant_args, device)
-    clamp_lazy = terms.lazy_update == LazyUpdate.CLAMPED_LATENT
-    quantized_lazy = terms.lazy_update == LazyUpdate.QUANTIZED
-    lazy_differs = (clamp_lazy or quantized_lazy) and (D is not None or cae != 0.0)
-    dynamic = None if static else _DynamicGroups(g_idx, quant_args, scale, zero_point)
-    pull = first_order * (~used_rtn_fallback).to(W.dtype).unsqueeze(-1)  # [batch, 1]
-    error_coefficient = cae + first_order  # c = b + f of the modified error (error_offset)
-    w0_in_driver = driver_in_loop and not static and cae != 0.0
+    num_columns = W.shape[1]
     window = IN_BLOCK_WINDOW
+    dynamic = None if plan.static_scales else _DynamicGroups(quantizer)
+    # FOEM's pull toward W0, off for round-to-nearest fallback items (no terms at all)
+    pull = plan.first_order * (~used_rtn_fallback).to(W.dtype).unsqueeze(-1)  # [batch, 1]
 
     for i1 in range(0, num_columns, blocksize):
-        i2 = min(i1 + blocksize, num_columns)
-        count = i2 - i1
-        P_rows = projection_rows(D, Hinv, i1, i2) if driver_in_loop else None
-        W1 = W[:, i1:i2]  # a view: updated in place
-        Q1 = torch.empty_like(W1)
+        block = _Block(plan, W, W0, D, Hinv, quantizer, i1, min(i1 + blocksize, num_columns))
+        pending = 0  # columns pending:i have updated their window, not the columns after it
+        window_end = min(window, block.count)
+        for i in range(block.count):
+            if i == window_end:  # the window's columns update the rest of the block
+                block.flush(pending, i, i)
+                pending, window_end = i, min(i + window, block.count)
+                if plan.next_column_pull:
+                    block.pull_toward_original(i, pull)
+            if dynamic is not None and dynamic.starts_group(i1 + i):
+                # a new group's scales come from its members' exact latent values
+                block.flush(pending, i, window_end)
+                pending = i
+                dynamic.compute(i1 + i, block.latent_snapshot(i))
+                block.refresh_scales()
+            # q = Q(w); e and -v; W[:, c+1:window_end] -= e U[c] - v P[c]
+            block.quantize_column(i, window_end)
+            if plan.next_column_pull and i + 1 < window_end:
+                block.pull_toward_original(i + 1, pull)
+        # loss, Q into W, and the lazy update of the columns after the block
+        block.finish(losses)
+    return W
+
+
+@dataclass(frozen=True)
+class LoopPlan:
+    """What the column loop does, decided once from the terms and the statistics.
+
+    Every field follows from the module docstring's algebra. With the column's latent
+    value ``w``, original ``w0`` and quantized ``q``, the loop applies::
+
+        e  = ((1 - c) w + c w0 - q) / U[c,c]        c = b + f     (modified error)
+        -v = (b - a) w - b w0                                      (negative driver)
+        W[:, c+1:] -= e U[c, c+1:] + (-v) P[c, c+1:]               P = triu(D U^T, 1) U
+    """
+
+    #: GPTAQ's ``a``; 0 without D (its term is ``a w P`` and P is built from D)
+    asymmetric: float
+    #: CAE's ``b``: its ``H`` half is the ``b`` in ``c``, its ``D`` half the ``b`` in ``v``
+    compensation_aware: float
+    #: FOEM's ``f``, the ``f`` in ``c``
+    first_order: float
+    #: ``c = b + f``: the share of ``w0 - w`` that the modified error carries
+    error_coefficient: float
+    #: D enters the solve (a GPTAQ or CAE term with D given); otherwise ``P = 0``
+    uses_asymmetry: bool
+    #: the driver ``v`` and P's rows are formed in the loop: ``a != b`` leaves a ``w``
+    #: part, and dynamic scales keep the ``b w0`` part in the loop (below)
+    driver_in_loop: bool
+    #: ``b W0 P`` rides on GPTQ's update as the error shift ``e -> e - b V[:, c]``
+    #: (:func:`original_weight_drive`): needs D, ``b != 0`` and static scales
+    w0_error_shift: bool
+    #: the ``b w0`` part stays in ``v``: with dynamic scales, group scales read the
+    #: latent values of columns whose block has not started yet
+    #: (:func:`_latent_snapshot`), which the shift would leave without their ``b V U``
+    w0_in_driver: bool
+    #: which value of a column drives the between-block (lazy) update
+    lazy_update: LazyUpdate
+    #: the lazy update uses other values than the in-block updates: a clamped or
+    #: quantized lazy mode, and a term (D or ``b``) that reads the value
+    lazy_differs: bool
+    #: group scales fixed before the loop (llm-compressor's observer)
+    static_scales: bool
+    #: FOEM (maintained implementation): pull the next in-block column toward W0 by ``f``
+    next_column_pull: bool
+    #: every term off with static scales: upstream's own GPTQ loop, bit for bit
+    plain_gptq: bool
+
+    @classmethod
+    def build(cls, terms: CompensationTerms, has_asymmetry: bool) -> "LoopPlan":
+        """The plan for ``terms``; ``has_asymmetry``: D was handed to the solver."""
+        b = terms.compensation_aware_coefficient
+        f = terms.first_order_coefficient
+        a = terms.asymmetric_coefficient if has_asymmetry else 0.0
+        uses_asymmetry = has_asymmetry and (a != 0.0 or b != 0.0)
+        static = terms.group_scales == GroupScales.STATIC
+        driver_in_loop = uses_asymmetry and (a != b or not static)
+        return cls(
+            asymmetric=a,
+            compensation_aware=b,
+            first_order=f,
+            error_coefficient=b + f,
+            uses_asymmetry=uses_asymmetry,
+            driver_in_loop=driver_in_loop,
+            w0_error_shift=uses_asymmetry and b != 0.0 and static,
+            w0_in_driver=driver_in_loop and not static and b != 0.0,
+            lazy_update=terms.lazy_update,
+            lazy_differs=terms.lazy_update != LazyUpdate.LATENT and (uses_asymmetry or b != 0.0),
+            static_scales=static,
+            next_column_pull=terms.first_order_next_column_pull,
+            plain_gptq=terms.is_plain_gptq(has_asymmetry),
+        )
+
+
+class _ColumnQuantizer:
+    """The quantization grid: qparams per column window, column-major, and the range."""
+
+    def __init__(self, scale, zero_point, global_scale, g_idx, quant_args, num_rows):
+        self.scale = scale  # [batch, rows, groups]; dynamic groups update it in place
+        self.zero_point = zero_point
+        self.global_scale = global_scale
+        self.g_idx = g_idx
+        self.quant_args = quant_args
+        self.num_rows = num_rows
+        # the window's scales are per column already: quantize column by column
+        self.column_args = copy(quant_args)
+        self.column_args.strategy = QuantizationStrategy.CHANNEL
+        self.q_min, self.q_max = calculate_range(quant_args, scale.device)
+
+    def window(self, i1: int, i2: int):
+        """Scales and zero points of columns ``i1:i2``, ``[batch, count, rows]``."""
+        eff, zp = column_scale_window(self.scale, self.zero_point, self.global_scale,
+                                      self.g_idx, self.quant_args, self.num_rows, i1, i2)
+        return (eff.transpose(1, 2).contiguous(),
+                None if zp is None else zp.transpose(1, 2).contiguous())
+
+
+class _Block:
+    """One block ``i1:i2`` of the loop: its views, per-column records and steps."""
+
+    def __init__(self, plan: LoopPlan, W, W0, D, Hinv, quantizer: _ColumnQuantizer,
+                 i1: int, i2: int):
+        self.plan, self.W, self.D, self.Hinv, self.quantizer = plan, W, D, Hinv, quantizer
+        self.i1, self.i2, self.count = i1, i2, i2 - i1
+        self.P_rows = projection_rows(D, Hinv, i1, i2) if plan.driver_in_loop else None
+        self.W1 = W1 = W[:, i1:i2]  # a view: updated in place
+        self.Q1 = torch.empty_like(W1)
         # each column's latent value when it was quantized: the block itself, since a
         # quantized column receives no more updates and Q1 replaces it at the block end
-        Latent1 = W1
-        Err1 = torch.empty_like(W1)  # in-block error e
-        Hinv1 = Hinv[:, i1:i2, i1:i2]
-        diagonal1 = torch.diagonal(Hinv1, dim1=-2, dim2=-1).unsqueeze(-1)  # [batch, count, 1]
-        W0_1 = W0[:, i1:i2] if W0 is not None else None
+        self.Latent1 = W1
+        self.Err1 = torch.empty_like(W1)  # in-block error e
+        self.Hinv1 = Hinv1 = Hinv[:, i1:i2, i1:i2]
+        self.diagonal1 = diagonal1 = torch.diagonal(Hinv1, dim1=-2, dim2=-1).unsqueeze(-1)
+        self.W0_1 = W0[:, i1:i2] if W0 is not None else None
         # e = ((1 - c) w + error_offset - q) / U_cc, error_offset = c w0 - b V[:, c] U_cc
-        error_offset = error_coefficient * W0_1 if error_coefficient != 0.0 else None
-        if w0_error_shift:
+        cae = plan.compensation_aware
+        c = plan.error_coefficient
+        self.error_offset = c * self.W0_1 if c != 0.0 else None
+        if plan.w0_error_shift:
             # b W0 P = b V U: V's diagonal term now, the rest through the shifted error
             drive1 = original_weight_drive(D, Hinv, W0, i1, i2).mul_(diagonal1)
             W1.add_(drive1, alpha=cae)
-            error_offset = drive1.mul_(-cae) if error_offset is None else (
-                error_offset.sub_(drive1, alpha=cae))
-        if driver_in_loop:
-            P1 = P_rows[:, :, :count]
-            Drive1 = torch.empty_like(W1)  # -v of each column
-            # [batch, count, count, 2]: [i, j] holds U[i, j] and P[i, j] for the rank-2 update
-            factors1 = torch.stack((Hinv1, P1), dim=-1)
+            self.error_offset = drive1.mul_(-cae) if self.error_offset is None else (
+                self.error_offset.sub_(drive1, alpha=cae))
+        if plan.driver_in_loop:
+            self.P1 = self.P_rows[:, :, :self.count]
+            self.Drive1 = torch.empty_like(W1)  # -v of each column
+            # [batch, count, count, 2]: [i, j] holds U[i, j] and P[i, j] (rank-2 update)
+            self.factors1 = torch.stack((Hinv1, self.P1), dim=-1)
+        self.refresh_scales()
 
-        def scale_window():
-            eff, zp = column_scale_window(
-                scale, zero_point, global_scale, g_idx, quant_args, num_rows, i1, i2
-            )
-            return (eff.transpose(1, 2).contiguous(),
-                    None if zp is None else zp.transpose(1, 2).contiguous())
+    def refresh_scales(self) -> None:
+        self.eff, self.zp = self.quantizer.window(self.i1, self.i2)
 
-        eff, zp = scale_window()
+    def pull_toward_original(self, i: int, pull: torch.Tensor) -> None:
+        """FOEM's pull of column ``i`` toward W0 (released code)."""
+        W1 = self.W1
+        W1[:, i] -= pull * (W1[:, i] - self.W0_1[:, i])
 
-        def lazy_terms(stop: int):
-            """Error and driver of columns ``:stop`` as the lazy block update uses them.
-
-            Computed for all those columns at once from their recorded latent values,
-            not column by column: only the in-block updates need the per-column error.
-            """
-            latent = Latent1[:, :stop]
-            lazy_error, lazy_value = Err1[:, :stop], latent
-            if lazy_differs:
-                if clamp_lazy:  # the group's representable range, with these scales
-                    offset = 0.0 if zp is None else zp[:, :stop]
-                    scl = eff[:, :stop]
-                    lazy_value = torch.clamp(latent, (q_min - offset) * scl, (q_max - offset) * scl)
-                else:
-                    lazy_value = Q1[:, :stop]
-                # e_lazy = e + b (w - w_lazy) / U_cc: CAE's H-part with the lazy value
-                lazy_error = lazy_error + cae * (latent - lazy_value) / diagonal1[:, :stop]
-            if not driver_in_loop:
-                return lazy_error, None
-            lazy_drive = (asym - cae) * lazy_value
-            if w0_in_driver:
-                lazy_drive = lazy_drive + cae * W0_1[:, :stop]
-            return lazy_error, lazy_drive
-
-        def flush(start: int, stop: int, window_end: int):
-            """Apply columns ``start:stop``'s in-block updates to columns ``window_end:``."""
-            if start == stop or window_end == count:
-                return
-            target = W1[:, window_end:]
-            target.baddbmm_(Hinv1[:, start:stop, window_end:].transpose(1, 2),
-                            Err1[:, start:stop], alpha=-1.0)
-            if driver_in_loop:
-                target.baddbmm_(P1[:, start:stop, window_end:].transpose(1, 2),
-                                Drive1[:, start:stop], alpha=-1.0)
-
-        pending = 0  # columns pending:i have updated their window, not the columns after it
-        window_end = min(window, count)
-        for i in range(count):
-            if i == window_end:
-                flush(pending, i, i)
-                pending, window_end = i, min(i + window, count)
-                if terms.first_order_next_column_pull:
-                    W1[:, i] -= pull * (W1[:, i] - W0_1[:, i])
-            if dynamic is not None and dynamic.starts_group(i1 + i):
-                flush(pending, i, window_end)
-                pending = i
-                latent = _latent_snapshot(W, i1, i2, i, Hinv, P_rows, *lazy_terms(i))
-                dynamic.compute(i1 + i, latent)
-                eff, zp = scale_window()
-            w = W1[:, i]  # [batch, rows]
-            q = fake_quantize(
-                w.transpose(0, 1),
-                eff[:, i].transpose(0, 1),
-                None if zp is None else zp[:, i].transpose(0, 1),
-                altered_qargs,
-            ).transpose(0, 1)
-            Q1[:, i] = q
-            error = Err1[:, i]
-            if error_offset is not None:
-                torch.add(error_offset[:, i] - q, w, alpha=1.0 - error_coefficient, out=error)
+    def quantize_column(self, i: int, window_end: int) -> None:
+        """Quantize column ``i``; record e and -v; update the rest of its window."""
+        plan, W1 = self.plan, self.W1
+        w = W1[:, i]  # [batch, rows]
+        q = fake_quantize(
+            w.transpose(0, 1),
+            self.eff[:, i].transpose(0, 1),
+            None if self.zp is None else self.zp[:, i].transpose(0, 1),
+            self.quantizer.column_args,
+        ).transpose(0, 1)
+        self.Q1[:, i] = q
+        error = self.Err1[:, i]
+        if self.error_offset is not None:
+            torch.add(self.error_offset[:, i] - q, w, alpha=1.0 - plan.error_coefficient,
+                      out=error)
+        else:
+            torch.sub(w, q, out=error)
+        error.div_(self.diagonal1[:, i])
+        if plan.driver_in_loop:
+            # -v = (b - a) w - b w0 (the w0 part here only with dynamic scales)
+            negative_drive = self.Drive1[:, i]
+            torch.mul(w, plan.compensation_aware - plan.asymmetric, out=negative_drive)
+            if plan.w0_in_driver:
+                negative_drive.sub_(self.W0_1[:, i], alpha=plan.compensation_aware)
+        if i + 1 < window_end:
+            later = W1[:, i + 1:window_end]
+            if plan.driver_in_loop:
+                # one fused rank-2 update: W[:, c+1:] -= e U[c, c+1:] - v P[c, c+1:]
+                rows = torch.stack((error, negative_drive), dim=1)
+                later.baddbmm_(self.factors1[:, i, i + 1:window_end], rows, alpha=-1.0)
             else:
-                torch.sub(w, q, out=error)
-            error.div_(diagonal1[:, i])
-            if driver_in_loop:
-                # -v = (b - a) w - b w0 (the w0 part here only with dynamic scales)
-                negative_drive = Drive1[:, i]
-                torch.mul(w, cae - asym, out=negative_drive)
-                if w0_in_driver:
-                    negative_drive.sub_(W0_1[:, i], alpha=cae)
-            if i + 1 < window_end:
-                later = W1[:, i + 1:window_end]
-                if driver_in_loop:
-                    # one fused rank-2 update: W[:, c+1:] -= e U[c, c+1:] - v P[c, c+1:]
-                    rows = torch.stack((error, negative_drive), dim=1)
-                    later.baddbmm_(factors1[:, i, i + 1:window_end], rows, alpha=-1.0)
-                else:
-                    later.baddbmm_(Hinv1[:, i, i + 1:window_end].unsqueeze(-1),
-                                   error.unsqueeze(1), alpha=-1.0)
-                if terms.first_order_next_column_pull:
-                    # no pull for round-to-nearest fallback items: no compensation terms
-                    W1[:, i + 1] -= pull * (W1[:, i + 1] - W0_1[:, i + 1])
+                later.baddbmm_(self.Hinv1[:, i, i + 1:window_end].unsqueeze(-1),
+                               error.unsqueeze(1), alpha=-1.0)
 
+    def flush(self, start: int, stop: int, window_end: int) -> None:
+        """Apply columns ``start:stop``'s in-block updates to columns ``window_end:``."""
+        if start == stop or window_end == self.count:
+            return
+        target = self.W1[:, window_end:]
+        target.baddbmm_(self.Hinv1[:, start:stop, window_end:].transpose(1, 2),
+                        self.Err1[:, start:stop], alpha=-1.0)
+        if self.plan.driver_in_loop:
+            target.baddbmm_(self.P1[:, start:stop, window_end:].transpose(1, 2),
+                            self.Drive1[:, start:stop], alpha=-1.0)
+
+    def lazy_terms(self, stop: int):
+        """Error and driver of columns ``:stop`` as the lazy block update uses them.
+
+        Computed for all those columns at once from their recorded latent values, not
+        column by column: only the in-block updates need the per-column error.
+        """
+        plan = self.plan
+        cae = plan.compensation_aware
+        latent = self.Latent1[:, :stop]
+        lazy_error, lazy_value = self.Err1[:, :stop], latent
+        if plan.lazy_differs:
+            if plan.lazy_update == LazyUpdate.CLAMPED_LATENT:
+                # the group's representable range, with these scales
+                offset = 0.0 if self.zp is None else self.zp[:, :stop]
+                scl = self.eff[:, :stop]
+                q_min, q_max = self.quantizer.q_min, self.quantizer.q_max
+                lazy_value = torch.clamp(latent, (q_min - offset) * scl, (q_max - offset) * scl)
+            else:
+                lazy_value = self.Q1[:, :stop]
+            # e_lazy = e + b (w - w_lazy) / U_cc: CAE's H-part with the lazy value
+            lazy_error = lazy_error + cae * (latent - lazy_value) / self.diagonal1[:, :stop]
+        if not plan.driver_in_loop:
+            return lazy_error, None
+        lazy_drive = (plan.asymmetric - cae) * lazy_value
+        if plan.w0_in_driver:
+            lazy_drive = lazy_drive + cae * self.W0_1[:, :stop]
+        return lazy_error, lazy_drive
+
+    def latent_snapshot(self, i: int) -> torch.Tensor:
+        """The exact latent weights of columns ``i1 + i`` on (for dynamic group scales)."""
+        return _latent_snapshot(self.W, self.i1, self.i2, i, self.Hinv, self.P_rows,
+                                *self.lazy_terms(i))
+
+    def finish(self, losses: torch.Tensor) -> None:
+        """Record the block's loss, write its quantized values, update later columns."""
         # upstream's proxy loss ((w - q) / U_cc)^2 / 2, for the whole block at once
-        losses += ((Latent1 - Q1) / diagonal1).square().sum(1) / 2
-        lazy_error, lazy_drive = lazy_terms(count) if i2 < num_columns else (None, None)
-        W1.copy_(Q1)  # Latent1 is gone from here on
-        if i2 < num_columns:
-            later = W[:, i2:]
-            later.baddbmm_(Hinv[:, i1:i2, i2:].transpose(1, 2), lazy_error, alpha=-1.0)
-            if driver_in_loop:
-                later.baddbmm_(P_rows[:, :, count:].transpose(1, 2), lazy_drive)
-    return W
+        losses += ((self.Latent1 - self.Q1) / self.diagonal1).square().sum(1) / 2
+        num_columns = self.W.shape[1]
+        lazy_error, lazy_drive = (self.lazy_terms(self.count) if self.i2 < num_columns
+                                  else (None, None))
+        self.W1.copy_(self.Q1)  # Latent1 is gone from here on
+        if self.i2 < num_columns:
+            later = self.W[:, self.i2:]
+            later.baddbmm_(self.Hinv[:, self.i1:self.i2, self.i2:].transpose(1, 2),
+                           lazy_error, alpha=-1.0)
+            if self.plan.driver_in_loop:
+                later.baddbmm_(self.P_rows[:, :, self.count:].transpose(1, 2), lazy_drive)
 
 
 def _upstream_loop(W, Hinv, scale, zero_point, global_scale, g_idx, quant_args, blocksize, losses):
@@ -752,14 +837,14 @@ def _latent_snapshot(W, i1, i2, i, Hinv, P_rows, lazy_error, lazy_drive):
 class _DynamicGroups:
     """Group scales recomputed (min-max) from the latent weights at each group's start."""
 
-    def __init__(self, g_idx, quant_args, scale, zero_point):
-        self.g_idx = g_idx  # [batch, columns] group of each processed column
-        self.quant_args = quant_args
-        self.scale = scale  # [batch, rows, groups], updated in place
-        self.zero_point = zero_point
-        num_groups = scale.shape[-1]
-        self.started = torch.zeros(g_idx.shape[0], num_groups, dtype=torch.bool)
-        self.g_idx_cpu = g_idx.cpu()
+    def __init__(self, quantizer: _ColumnQuantizer):
+        self.quant_args = quantizer.quant_args
+        self.scale = quantizer.scale  # [batch, rows, groups], updated in place
+        self.zero_point = quantizer.zero_point
+        num_groups = self.scale.shape[-1]
+        # [batch, columns] group of each processed column
+        self.g_idx_cpu = quantizer.g_idx.cpu()
+        self.started = torch.zeros(self.g_idx_cpu.shape[0], num_groups, dtype=torch.bool)
 
     def starts_group(self, column: int) -> bool:
         groups = self.g_idx_cpu[:, column]

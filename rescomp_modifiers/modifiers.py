@@ -377,8 +377,7 @@ class CompensationModifier(GPTQModifier):
                 else None
             )
             comp_loggers = [stack.enter_context(CompressionLogger(module)) for module in modules]
-            solver_options = dict(blocksize=self.block_size, percdamp=self.dampening_frac,
-                                  module_names=names)
+            solver_options = dict(blocksize=self.block_size, percdamp=self.dampening_frac)
             if self.selects_candidates:
                 selection = select_and_solve(
                     self._candidates(terms), weights, fit, judge, refit, scales, zero_points,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from compressed_tensors.offload import disable_offloading, set_onload_device
-from llmcompressor.core import LifecycleCallbacks, active_session
+from llmcompressor.core import CompressionSession, LifecycleCallbacks, active_session
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.pipelines.cache import IntermediatesCache
 from llmcompressor.pipelines.registry import CalibrationPipeline
@@ -53,12 +53,19 @@ class DriftRecord:
     mse: float
 
 
-_LAST_DRIFT: list[DriftRecord] = []
+#: the session state's attribute that holds the run's drift records: the record lives as
+#: long as the llm-compressor session (``oneshot`` resets the session when it starts)
+DRIFT_STATE_ATTRIBUTE = "dual_stream_drift"
 
 
-def last_drift() -> list[DriftRecord]:
-    """Per-subgraph drift of the most recent dual-stream calibration run."""
-    return list(_LAST_DRIFT)
+def last_drift(session: CompressionSession | None = None) -> list[DriftRecord]:
+    """Per-subgraph drift of the last dual-stream calibration run in ``session``.
+
+    :param session: an llm-compressor session; default: the active one (the one
+        ``oneshot`` used, also inside ``create_session()``)
+    """
+    state = (session or active_session()).state
+    return list(getattr(state, DRIFT_STATE_ATTRIBUTE, []))
 
 
 def _dual_stream_modifiers(modifiers) -> list[CompensationModifier]:
@@ -119,7 +126,8 @@ class DualStreamPipeline(CalibrationPipeline):
         dual = _dual_stream_modifiers(modifiers)
         for modifier in dual:
             modifier.attach_full_precision_stream(stream)
-        _LAST_DRIFT.clear()
+        drift: list[DriftRecord] = []
+        setattr(session.state, DRIFT_STATE_ATTRIBUTE, drift)
 
         try:
             LifecycleCallbacks.calibration_start()
@@ -173,7 +181,7 @@ class DualStreamPipeline(CalibrationPipeline):
                                 activations.delete(batch_idx, subgraph.consumed_names)
                         if count:
                             record = DriftRecord(index, total / count)
-                            _LAST_DRIFT.append(record)
+                            drift.append(record)
                             logger.info(
                                 f"Subgraph {index + 1}/{num_subgraphs}: drift between "
                                 f"quantized and full-precision outputs (MSE) {record.mse:.3e}"

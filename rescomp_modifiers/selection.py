@@ -95,8 +95,7 @@ def _concatenate(results: list[CompensationResult]) -> CompensationResult:
 def select_and_solve(candidates: list[Candidate], weights: torch.Tensor, fit: Statistics,
                      judge: Statistics, refit: Statistics | None, scale: torch.Tensor,
                      zero_point: torch.Tensor, global_scale: torch.Tensor | None, quant_args,
-                     *, percdamp: float, module_names: list[str] | None = None,
-                     **solver_options) -> Selection:
+                     *, percdamp: float, **solver_options) -> Selection:
     """Per batch item: solve every candidate on ``fit``, keep the one with the smallest
     layer output error on ``judge``, and solve it again on ``refit`` (None: keep the
     solve on ``fit``, e.g. when ``judge`` is ``fit`` itself).
@@ -111,8 +110,7 @@ def select_and_solve(candidates: list[Candidate], weights: torch.Tensor, fit: St
         item = slice(index, index + 1)
         qparams = (scale[item], zero_point[item],
                    None if global_scale is None else global_scale[item])
-        options = dict(solver_options, percdamp=percdamp,
-                       module_names=None if module_names is None else module_names[item])
+        options = dict(solver_options, percdamp=percdamp)
         item_fit, item_judge = fit.item(index), judge.item(index)
         errors, results = {}, {}
         for candidate in candidates:

