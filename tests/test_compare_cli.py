@@ -173,12 +173,19 @@ def test_results_without_their_fingerprint_are_not_resumed(previous_run, inputs)
     assert _snapshot(previous_run) == before
 
 
-def test_more_seeds_extend_the_results(previous_run, inputs):
+def test_more_seeds_or_recipes_extend_the_results(previous_run, inputs):
     before = _records(previous_run)
     run_comparison(_config(inputs, previous_run, seeds=[0, 1]))
+    # a recipe file naming our modifier adds its rows and is fingerprinted from then on
+    recipe = str(Path(__file__).parents[1] / "recipes" / "gptaq_cae" / "w4a16_g64.yaml")
+    run_comparison(_config(inputs, previous_run, seeds=[1], recipes=[recipe]))
     after = _records(previous_run)
     assert after[:len(before)] == before
-    assert [(r["method"], r["seed"]) for r in after[len(before):]] == [("rtn", 1)]
+    assert [(r["method"], r["seed"]) for r in after[len(before):]] == [
+        ("rtn", 1), (f"recipe:{recipe}", 1)]
+    assert all(math.isfinite(v) for r in after for v in r["scores"].values())
+    fingerprint = json.loads((previous_run / "fingerprint.json").read_text())
+    assert list(fingerprint["recipes"]) == [recipe]
 
 
 def test_a_cut_off_last_line_is_dropped_with_a_warning(previous_run, inputs):
@@ -249,6 +256,13 @@ def _missing_recipe(inputs, tmp_path):
     return ["--recipes", str(tmp_path / "cae.yaml")], rf"--recipes {tmp_path}/cae.yaml: no such file"
 
 
+def _bad_recipe(inputs, tmp_path):
+    path = tmp_path / "cae.yaml"
+    path.write_text("quant_stage:\n  quant_modifiers:\n    CAEModifer:\n      targets: [Linear]\n")
+    return (["--recipes", str(path)],
+            rf"--recipes {path}: ValueError: No modifier of type 'CAEModifer' found")
+
+
 def _missing_evaluation(inputs, tmp_path):
     return ["--evaluation", str(tmp_path / "held_out.txt")], rf"no such file: {tmp_path}/held_out.txt"
 
@@ -277,6 +291,7 @@ def _too_long_windows(inputs, tmp_path):
     (["--group-size", "0"], r"--group-size must be an integer of at least 1"),
     (["--bigbench-limit", "0"], r"--bigbench-limit must be at least 1"),
     (_bad_jsonl, None), (_no_text, None), (_missing_model, None), (_missing_recipe, None),
+    (_bad_recipe, None),
     (_missing_evaluation, None), (_too_short_evaluation, None), (_too_little_calibration, None),
     (_too_long_windows, None),
 ])

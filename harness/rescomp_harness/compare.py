@@ -255,6 +255,8 @@ def run_comparison(config: CompareConfig) -> Path:
     # every check passed: from here on the output directory is written
     from llmcompressor import oneshot
 
+    import rescomp_modifiers  # noqa: F401  (our modifiers and pipeline, for recipe files too)
+
     from rescomp_harness.evaluation.perplexity import perplexity
 
     out.mkdir(parents=True, exist_ok=True)
@@ -335,6 +337,8 @@ def _load_inputs(config: CompareConfig) -> _Inputs:
     except (DocumentError, FileNotFoundError) as error:
         raise InvalidComparison(str(error)) from error
 
+    _parse_recipes(config.recipes)
+
     rule = documents.rules[config.calibration]
     logger.info(f"calibration {config.calibration!r}: {len(documents.calibration)} documents "
                 f"({rule}); each run draws --samples {config.samples} x --seq-len "
@@ -373,6 +377,22 @@ def _load_inputs(config: CompareConfig) -> _Inputs:
     }
     return _Inputs(model_path, tokenizer, dense, calibration_sets, documents.evaluation,
                    evaluation_tokens, torch.tensor(drift_input["input_ids"]), fingerprint)
+
+
+def _parse_recipes(recipes: list[str]) -> None:
+    """Parse each recipe file as oneshot will, so that a bad one fails before the
+    built-in methods have run, not after."""
+    if not recipes:
+        return
+    import rescomp_modifiers  # noqa: F401  (registers our modifiers for recipes that name them)
+    from llmcompressor.recipe import Recipe
+
+    for recipe in recipes:
+        try:
+            Recipe.create_instance(str(Path(recipe).expanduser()))
+        except Exception as error:  # YAML, unknown modifier, pydantic field errors
+            detail = " ".join(str(error).split())  # pydantic's message spans lines
+            raise InvalidComparison(f"--recipes {recipe}: {type(error).__name__}: {detail}") from error
 
 
 # ----------------------------------------------------------------------- fingerprint
