@@ -127,8 +127,8 @@ def test_an_evaluation_source_of_its_own_is_scored_whole(tmp_path):
     documents = comparison_documents(calibration, [evaluation])
     assert [d.text for d in documents.evaluation[evaluation]] == [f"e{i}" for i in range(60)]
     assert [d.text for d in documents.calibration] == [f"c{i}" for i in range(30)]
-    assert "all of its documents are scored" in documents.rules[evaluation]
-    assert "all of its documents calibrate" in documents.rules[calibration]
+    assert "all of its documents are scored" in documents.evaluation_rules[evaluation]
+    assert "all of its documents calibrate" in documents.calibration_rule
 
 
 def test_a_source_serving_both_sides_is_split_by_id(tmp_path):
@@ -142,7 +142,9 @@ def test_a_source_serving_both_sides_is_split_by_id(tmp_path):
     assert documents.evaluation[spelled] == split.evaluation
     assert split.evaluation and split.calibration
     assert [d.text for d in documents.evaluation[other]] == ["o"]
-    assert "sha256(id)" in documents.rules[shared]
+    assert "split by document id" in documents.calibration_rule
+    assert "held-out side" in documents.evaluation_rules[spelled]
+    assert "all of its documents are scored" in documents.evaluation_rules[other]
 
 
 def test_evaluation_text_that_also_calibrates_is_refused(tmp_path):

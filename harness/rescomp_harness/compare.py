@@ -339,9 +339,8 @@ def _load_inputs(config: CompareConfig) -> _Inputs:
 
     _parse_recipes(config.recipes)
 
-    rule = documents.rules[config.calibration]
     logger.info(f"calibration {config.calibration!r}: {len(documents.calibration)} documents "
-                f"({rule}); each run draws --samples {config.samples} x --seq-len "
+                f"({documents.calibration_rule}); each run draws --samples {config.samples} x --seq-len "
                 f"{config.seq_len} = {config.samples * config.seq_len:,} tokens from them")
     try:  # every seed's draw (and the drift windows') now, so too little text fails first
         calibration_sets = {
@@ -359,7 +358,7 @@ def _load_inputs(config: CompareConfig) -> _Inputs:
         windows = len(tokens) // config.eval_seq_len  # perplexity() scores whole windows
         logger.info(f"evaluation {name!r}: {len(scored)} documents, {len(tokens):,} tokens, "
                     f"{windows} windows of {config.eval_seq_len}, {min(windows, config.eval_windows)} "
-                    f"scored ({documents.rules[name]})")
+                    f"scored ({documents.evaluation_rules[name]})")
         if windows == 0:
             raise InvalidComparison(f"evaluation {name!r}: {len(tokens)} tokens make no window of "
                                     f"--eval-seq-len {config.eval_seq_len}")

@@ -75,8 +75,10 @@ class ComparisonDocuments:
     calibration: list[Document]
     #: evaluation source spec -> its scored documents
     evaluation: dict[str, list[Document]]
-    #: source spec -> how its documents were assigned, one sentence for the log
-    rules: dict[str, str]
+    #: how the calibration source's documents were assigned, for the log
+    calibration_rule: str
+    #: evaluation source spec -> how its documents were assigned, for the log
+    evaluation_rules: dict[str, str]
 
 
 def same_source(a: str | Path, b: str | Path) -> bool:
@@ -101,24 +103,25 @@ def comparison_documents(calibration: str, evaluation: Sequence[str]) -> Compari
         raise DocumentError(f"evaluation sources named twice: {list(evaluation)}")
     calibration_documents = load_documents(calibration)
     shared = [name for name in evaluation if same_source(name, calibration)]
-    rules = {}
+    evaluation_rules = {}
     scored: dict[str, list[Document]] = {}
     if shared:
         split = split_documents(calibration_documents)
         calibration_documents = split.calibration
-        rules[calibration] = (
-            f"serves calibration and evaluation: split by document id, a document is held out "
-            f"when the first 8 bytes of sha256(id) fall below {EVALUATION_FRACTION:.0%} of their "
-            "range (rescomp_harness.data.is_evaluation_document), else it calibrates"
+        calibration_rule = (
+            f"it is also an evaluation source, so it is split by document id: a document is "
+            f"held out when the first 8 bytes of sha256(id) fall below {EVALUATION_FRACTION:.0%} "
+            "of their range (rescomp_harness.data.is_evaluation_document), else it calibrates"
         )
         for name in shared:
             scored[name] = split.evaluation
+            evaluation_rules[name] = "the held-out side of the calibration source's split by id"
     else:
-        rules[calibration] = "calibration only: all of its documents calibrate"
+        calibration_rule = "calibration only: all of its documents calibrate"
     for name in evaluation:
         if name not in scored:
             scored[name] = load_documents(name)
-            rules[name] = "evaluation only: all of its documents are scored"
+            evaluation_rules[name] = "evaluation only: all of its documents are scored"
 
     calibration_texts = {_text_key(d.text) for d in calibration_documents}
     for name in evaluation:
@@ -133,7 +136,8 @@ def comparison_documents(calibration: str, evaluation: Sequence[str]) -> Compari
                 f"same text as calibration documents of {calibration!r}; scoring text the model "
                 "was calibrated on is not a held-out result"
             )
-    return ComparisonDocuments(calibration_documents, {n: scored[n] for n in evaluation}, rules)
+    return ComparisonDocuments(calibration_documents, {n: scored[n] for n in evaluation},
+                               calibration_rule, evaluation_rules)
 
 
 def _text_key(text: str) -> bytes:
