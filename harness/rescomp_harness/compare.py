@@ -116,18 +116,18 @@ def validate_config(config: CompareConfig) -> None:
         raise InvalidComparison(f"--bits must be an integer from {BITS_RANGE.start} to "
                                 f"{BITS_RANGE.stop - 1}; got {config.bits!r}")
     minimums = {
-        "group_size": (1, ""),
-        "samples": (1, ": how many calibration windows each run draws"),
-        "seq_len": (2, ": tokens per calibration window"),
-        "eval_seq_len": (2, ": a window scores its tokens after the first, so 1 scores none"),
-        "eval_windows": (1, ": how many windows of each evaluation source are scored"),
-        "drift_windows": (1, ": calibration windows the layer drift is measured on"),
+        "group_size": (1, "weights per quantization group"),
+        "samples": (1, "calibration windows each run draws"),
+        "seq_len": (2, "tokens per calibration window"),
+        "eval_seq_len": (2, "a window scores its tokens after the first, so 1 scores none"),
+        "eval_windows": (1, "windows scored per evaluation source"),
+        "drift_windows": (1, "calibration windows the layer drift is measured on"),
     }
     for name, (minimum, why) in minimums.items():
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise InvalidComparison(f"{_flag(name)} must be an integer of at least {minimum}{why}; "
-                                    f"got {value!r}")
+            raise InvalidComparison(f"{_flag(name)} must be an integer of at least {minimum}, "
+                                    f"got {value!r} ({why})")
     if config.bigbench_limit is not None and (not isinstance(config.bigbench_limit, int)
                                               or config.bigbench_limit < 1):
         raise InvalidComparison(f"--bigbench-limit must be at least 1 (or None for every "
