@@ -300,6 +300,10 @@ def test_invalid_arguments_get_one_line_and_nothing_is_written(inputs, tmp_path,
     import llmcompressor
 
     monkeypatch.setattr(llmcompressor, "oneshot", lambda **_: pytest.fail("validated first"))
+    # llm-compressor's import binds a loguru handler to the sys.stderr of that moment (an
+    # earlier test's captured stream): log to whichever stderr is current instead
+    logger.remove()
+    logger.add(lambda message: sys.stderr.write(message), level="INFO")
     if callable(arguments):
         arguments, message = arguments(inputs, tmp_path)
     output = tmp_path / "out"
