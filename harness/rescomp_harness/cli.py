@@ -7,10 +7,11 @@ import sys
 from dataclasses import fields
 
 # light at module level (no torch, no llm-compressor): `rescomp --help` answers at once
-from rescomp_harness.compare import METHODS, CompareConfig, InvalidComparison
+from rescomp_harness.assets import AssetUnavailable
+from rescomp_harness.compare import METHODS, CompareConfig, InvalidComparison, run_comparison
 
 
-def _compare_parser(sub) -> argparse.ArgumentParser:
+def _compare_parser(sub) -> None:
     defaults = CompareConfig()
     parser = sub.add_parser(
         "compare",
@@ -46,11 +47,11 @@ def _compare_parser(sub) -> argparse.ArgumentParser:
                         help="windows scored per evaluation source, evenly spaced")
     parser.add_argument("--bigbench", nargs="*", default=[],
                         help="BIG-bench multiple-choice tasks, e.g. social_iqa strategyqa winowhy")
-    parser.add_argument("--bigbench-limit", type=int, default=defaults.bigbench_limit)
+    parser.add_argument("--bigbench-limit", type=int, default=defaults.bigbench_limit,
+                        help="examples scored per BIG-bench task")
     parser.add_argument("--output", default=defaults.output,
                         help="directory of results.jsonl, fingerprint.json, summary.md and plots; "
                              "a run into it resumes only on the same model, documents and settings")
-    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,9 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("brown_documents", "sotu_documents"):
             print(name, len(getattr(assets, name)()))
         return 0
-
-    from rescomp_harness.assets import AssetUnavailable
-    from rescomp_harness.compare import run_comparison
 
     values = {f.name: getattr(args, f.name) for f in fields(CompareConfig) if hasattr(args, f.name)}
     values["symmetric"] = not args.asymmetric
