@@ -7,7 +7,9 @@ import pytest
 
 from rescomp_harness.assets import AssetUnavailable, Document
 from rescomp_harness.data import (
+    DocumentError,
     calibration_dataset,
+    comparison_documents,
     is_evaluation_document,
     load_documents,
     split_documents,
@@ -111,3 +113,67 @@ def test_load_documents_hub_id_fails_clearly_offline(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(AssetUnavailable, match="'brown', 'sotu', or a local"):
         load_documents("EleutherAI/wikitext_document_level:wikitext-2-raw-v1@test")
+
+
+def _jsonl(path, texts):
+    path.write_text("".join(json.dumps({"id": f"{path.stem}-{i}", "text": t}) + "\n"
+                            for i, t in enumerate(texts)))
+    return str(path)
+
+
+def test_an_evaluation_source_of_its_own_is_scored_whole(tmp_path):
+    calibration = _jsonl(tmp_path / "calibration.jsonl", [f"c{i}" for i in range(30)])
+    evaluation = _jsonl(tmp_path / "evaluation.jsonl", [f"e{i}" for i in range(60)])
+    documents = comparison_documents(calibration, [evaluation])
+    assert [d.text for d in documents.evaluation[evaluation]] == [f"e{i}" for i in range(60)]
+    assert [d.text for d in documents.calibration] == [f"c{i}" for i in range(30)]
+    assert "all of its documents are scored" in documents.evaluation_rules[evaluation]
+    assert "all of its documents calibrate" in documents.calibration_rule
+
+
+def test_a_source_serving_both_sides_is_split_by_id(tmp_path):
+    shared = _jsonl(tmp_path / "shared.jsonl", [f"s{i}" for i in range(200)])
+    other = _jsonl(tmp_path / "other.jsonl", ["o"])
+    split = split_documents(load_documents(shared))
+    # the same file spelled another way is the same source
+    spelled = str(tmp_path / "." / "shared.jsonl")
+    documents = comparison_documents(shared, [spelled, other])
+    assert documents.calibration == split.calibration
+    assert documents.evaluation[spelled] == split.evaluation
+    assert split.evaluation and split.calibration
+    assert [d.text for d in documents.evaluation[other]] == ["o"]
+    assert "split by document id" in documents.calibration_rule
+    assert "held-out side" in documents.evaluation_rules[spelled]
+    assert "all of its documents are scored" in documents.evaluation_rules[other]
+
+
+def test_evaluation_text_that_also_calibrates_is_refused(tmp_path):
+    calibration = _jsonl(tmp_path / "calibration.jsonl", ["a", "b", "c"])
+    evaluation = _jsonl(tmp_path / "evaluation.jsonl", ["x", "b"])
+    with pytest.raises(DocumentError, match=r"1 documents \(e.g. 'evaluation-1'\) have the same text"):
+        comparison_documents(calibration, [evaluation])
+
+
+def test_an_empty_evaluation_side_is_refused(tmp_path):
+    (tmp_path / "one.txt").write_text("w1 w2")  # one document, on the calibration side
+    assert not is_evaluation_document("one.txt")
+    with pytest.raises(DocumentError, match="no documents to score after the split"):
+        comparison_documents(str(tmp_path / "one.txt"), [str(tmp_path / "one.txt")])
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "one"}\n{"text": "two"\n', r"bad.jsonl:2: not valid JSON \(Expecting ',' delimiter"),
+    ('{"text": "one"}\n\n{"body": "two"}\n', r'bad.jsonl:3: no "text" string'),
+    ('{"text": 3}\n', r'bad.jsonl:1: no "text" string'),
+    ('["one"]\n', r'bad.jsonl:1: no "text" string'),
+])
+def test_a_bad_jsonl_line_is_named_by_file_and_line(tmp_path, content, message):
+    (tmp_path / "bad.jsonl").write_text(content)
+    with pytest.raises(DocumentError, match=message):
+        load_documents(tmp_path / "bad.jsonl")
+
+
+def test_a_directory_without_documents_is_refused(tmp_path):
+    (tmp_path / "notes.md").write_text("not a document")
+    with pytest.raises(DocumentError, match="no .txt or .jsonl files"):
+        load_documents(tmp_path)

@@ -10,7 +10,12 @@ import torch.nn.functional as F
 
 from rescomp_harness.assets import Document
 from rescomp_harness.evaluation import lm_eval_tasks
-from rescomp_harness.evaluation.perplexity import joined_text, perplexity, token_windows
+from rescomp_harness.evaluation.perplexity import (
+    joined_text,
+    perplexity,
+    token_windows,
+    tokenize_text,
+)
 
 from conftest import VOCAB, make_model, make_tokenizer
 
@@ -56,6 +61,12 @@ def test_perplexity_matches_naive_loop(tiny):
     assert result.num_predicted_tokens == count == 14 * (SEQ_LEN - 1)
     assert result.total_nll == pytest.approx(total, rel=1e-5)
     assert result.perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
+
+    # a text tokenized once scores the same (compare scores many models on one text)
+    assert tokenize_text(tokenizer, documents) == token_ids
+    again = perplexity(model, documents, tokenizer, seq_len=SEQ_LEN, batch_size=3,
+                       progress=False, token_ids=token_ids[:SEQ_LEN * 2])
+    assert again.num_windows == 2 and again.total_nll < result.total_nll  # the ids, not the text
 
     # max_windows=3 of 14 takes windows 0, 6 (round(6.5), to even) and 13
     capped = perplexity(model, documents, tokenizer, seq_len=SEQ_LEN, max_windows=3, progress=False)

@@ -6,7 +6,9 @@ import argparse
 import sys
 from dataclasses import fields
 
-from rescomp_harness.compare import METHODS, CompareConfig
+# light at module level (no torch, no llm-compressor): `rescomp --help` answers at once
+from rescomp_harness.assets import AssetUnavailable
+from rescomp_harness.compare import METHODS, CompareConfig, InvalidComparison, run_comparison
 
 
 def _compare_parser(sub) -> None:
@@ -18,33 +20,50 @@ def _compare_parser(sub) -> None:
     )
     parser.add_argument("--model", default=None,
                         help="HF model id or local dir (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--methods", nargs="+", default=defaults.methods, choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=defaults.methods, choices=list(METHODS),
+                        help="; ".join(f"{name}: {label}" for name, label in METHODS.items()))
     parser.add_argument("--recipes", nargs="*", default=[], help="extra recipe files to compare")
-    parser.add_argument("--bits", type=int, default=defaults.bits)
-    parser.add_argument("--group-size", type=int, default=defaults.group_size)
+    parser.add_argument("--bits", type=int, default=defaults.bits, help="weight bits, 2 to 8")
+    parser.add_argument("--group-size", type=int, default=defaults.group_size,
+                        help="weights per quantization group")
     parser.add_argument("--asymmetric", action="store_true", help="zero-point quantization")
-    parser.add_argument("--semantics", choices=["released", "paper"], default=defaults.semantics)
+    parser.add_argument("--semantics", choices=["released", "paper"], default=defaults.semantics,
+                        help="update semantics of our modifiers (README: semantics)")
     parser.add_argument("--calibration", default=defaults.calibration,
                         help="'brown', 'sotu', a .txt/.jsonl file or dir, or a HF dataset id")
-    parser.add_argument("--samples", type=int, default=defaults.samples)
-    parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
-    parser.add_argument("--seeds", type=int, nargs="+", default=defaults.seeds)
+    parser.add_argument("--samples", type=int, default=defaults.samples,
+                        help="calibration windows per run")
+    parser.add_argument("--seq-len", type=int, default=defaults.seq_len,
+                        help="tokens per calibration window")
+    parser.add_argument("--seeds", type=int, nargs="+", default=defaults.seeds,
+                        help="calibration draws; every method runs on each")
     parser.add_argument("--evaluation", nargs="+", default=defaults.evaluation,
-                        help="held-out text: 'brown', 'sotu', files, or HF dataset ids")
-    parser.add_argument("--eval-seq-len", type=int, default=defaults.eval_seq_len)
-    parser.add_argument("--eval-windows", type=int, default=defaults.eval_windows)
+                        help="held-out text: 'brown', 'sotu', files, or HF dataset ids; a source "
+                             "that is not the calibration source is scored whole, the "
+                             "calibration source itself is split by document id")
+    parser.add_argument("--eval-seq-len", type=int, default=defaults.eval_seq_len,
+                        help="tokens per perplexity window")
+    parser.add_argument("--eval-windows", type=int, default=defaults.eval_windows,
+                        help="windows scored per evaluation source, evenly spaced")
     parser.add_argument("--bigbench", nargs="*", default=[],
                         help="BIG-bench multiple-choice tasks, e.g. social_iqa strategyqa winowhy")
-    parser.add_argument("--bigbench-limit", type=int, default=defaults.bigbench_limit)
-    parser.add_argument("--output", default=defaults.output)
+    parser.add_argument("--bigbench-limit", type=int, default=defaults.bigbench_limit,
+                        help="examples scored per BIG-bench task")
+    parser.add_argument("--output", default=defaults.output,
+                        help="directory of results.jsonl, fingerprint.json, summary.md and plots; "
+                             "a run into it resumes only on the same model, documents and settings")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rescomp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _compare_parser(sub)
     sub.add_parser("fetch", help="download and convert the embedded default model and corpora")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     if args.command == "fetch":
         from rescomp_harness import assets
@@ -54,11 +73,16 @@ def main(argv: list[str] | None = None) -> int:
             print(name, len(getattr(assets, name)()))
         return 0
 
-    from rescomp_harness.compare import run_comparison
-
     values = {f.name: getattr(args, f.name) for f in fields(CompareConfig) if hasattr(args, f.name)}
     values["symmetric"] = not args.asymmetric
-    out = run_comparison(CompareConfig(**values))
+    try:
+        out = run_comparison(CompareConfig(**values))
+    except InvalidComparison as error:  # said in one line, nothing was written: no traceback
+        print(f"rescomp compare: error: {error}", file=sys.stderr)
+        return 2
+    except AssetUnavailable as error:
+        print(f"rescomp compare: {error}", file=sys.stderr)
+        return 1
     print((out / "summary.md").read_text())
     print(f"results, table and plots in {out}/ (results.jsonl, summary.md, perplexity.png, drift.png)")
     return 0

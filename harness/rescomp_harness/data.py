@@ -1,8 +1,9 @@
 """Documents, calibration/evaluation splits, and tokenized calibration sets.
 
-Calibration text must never overlap evaluation text, whatever the seed: documents are
-assigned to a side by a hash of their id alone (:func:`split_documents`), and the seed only
-chooses *which* calibration documents feed the calibration windows.
+Calibration text must never overlap evaluation text, whatever the seed. A source named for
+evaluation only is evaluation in whole; a source that serves both sides is split by a hash
+of each document's id alone (:func:`split_documents`, :func:`comparison_documents`), and the
+seed only chooses *which* calibration documents feed the calibration windows.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from rescomp_harness.assets import AssetUnavailable, Document, brown_documents, 
 __all__ = [
     "Document",
     "DocumentSplit",
+    "DocumentError",
+    "ComparisonDocuments",
+    "comparison_documents",
+    "same_source",
     "EVALUATION_FRACTION",
     "is_evaluation_document",
     "split_documents",
@@ -27,6 +32,11 @@ __all__ = [
 ]
 
 EVALUATION_FRACTION = 0.2
+
+
+class DocumentError(ValueError):
+    """A documents source that cannot be read as documents; the message names the file
+    and line."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,83 @@ def split_documents(
         side = evaluation if is_evaluation_document(document.id, evaluation_fraction) else calibration
         side.append(document)
     return DocumentSplit(calibration, evaluation)
+
+
+@dataclass(frozen=True)
+class ComparisonDocuments:
+    """Which documents calibrate and which are scored in a comparison, and why."""
+
+    #: the pool calibration windows are drawn from (every seed draws from this pool)
+    calibration: list[Document]
+    #: evaluation source spec -> its scored documents
+    evaluation: dict[str, list[Document]]
+    #: how the calibration source's documents were assigned, for the log
+    calibration_rule: str
+    #: evaluation source spec -> how its documents were assigned, for the log
+    evaluation_rules: dict[str, str]
+
+
+def same_source(a: str | Path, b: str | Path) -> bool:
+    """Whether two document specs name the same source (equal, or the same local path
+    spelled differently)."""
+    if str(a) == str(b):
+        return True
+    path_a, path_b = Path(str(a)).expanduser(), Path(str(b)).expanduser()
+    return path_a.exists() and path_b.exists() and path_a.resolve() == path_b.resolve()
+
+
+def comparison_documents(calibration: str, evaluation: Sequence[str]) -> ComparisonDocuments:
+    """The calibration pool and the scored documents of each evaluation source.
+
+    A source named only for evaluation is evaluation in whole, and one named only for
+    calibration is calibration in whole. Only a source that serves both (the default:
+    Brown calibrates and is also scored) is split, by :func:`split_documents`'s hash of
+    each document's id. Raises :class:`DocumentError` when an evaluation source is left
+    empty or shares document text with the calibration pool.
+    """
+    if len(set(map(str, evaluation))) != len(evaluation):
+        raise DocumentError(f"evaluation sources named twice: {list(evaluation)}")
+    calibration_documents = load_documents(calibration)
+    shared = [name for name in evaluation if same_source(name, calibration)]
+    evaluation_rules = {}
+    scored: dict[str, list[Document]] = {}
+    if shared:
+        split = split_documents(calibration_documents)
+        calibration_documents = split.calibration
+        calibration_rule = (
+            f"it is also an evaluation source, so it is split by document id: a document is "
+            f"held out when the first 8 bytes of sha256(id) fall below {EVALUATION_FRACTION:.0%} "
+            "of their range (rescomp_harness.data.is_evaluation_document), else it calibrates"
+        )
+        for name in shared:
+            scored[name] = split.evaluation
+            evaluation_rules[name] = "the held-out side of the calibration source's split by id"
+    else:
+        calibration_rule = "calibration only: all of its documents calibrate"
+    for name in evaluation:
+        if name not in scored:
+            scored[name] = load_documents(name)
+            evaluation_rules[name] = "evaluation only: all of its documents are scored"
+
+    calibration_texts = {_text_key(d.text) for d in calibration_documents}
+    for name in evaluation:
+        if not scored[name]:
+            raise DocumentError(f"evaluation {name!r}: no documents to score"
+                                + (" after the split; name a separate evaluation source"
+                                   if name in shared else ""))
+        overlap = [d.id for d in scored[name] if _text_key(d.text) in calibration_texts]
+        if overlap:
+            raise DocumentError(
+                f"evaluation {name!r}: {len(overlap)} documents (e.g. {overlap[0]!r}) have the "
+                f"same text as calibration documents of {calibration!r}; scoring text the model "
+                "was calibrated on is not a held-out result"
+            )
+    return ComparisonDocuments(calibration_documents, {n: scored[n] for n in evaluation},
+                               calibration_rule, evaluation_rules)
+
+
+def _text_key(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
 def calibration_dataset(
@@ -118,6 +205,8 @@ def load_documents(spec: str | Path) -> list[Document]:
     path = Path(spec_text).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".jsonl"))
+        if not files:
+            raise DocumentError(f"{path}: no .txt or .jsonl files in this directory")
         return [document for file in files for document in _file_documents(file)]
     if path.is_file():
         return _file_documents(path)
@@ -128,16 +217,27 @@ def load_documents(spec: str | Path) -> list[Document]:
 
 def _file_documents(path: Path) -> list[Document]:
     if path.suffix == ".txt":
-        return [Document(path.name, path.read_text(encoding="utf-8"), str(path))]
+        try:
+            return [Document(path.name, path.read_text(encoding="utf-8"), str(path))]
+        except UnicodeDecodeError as error:
+            raise DocumentError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     if path.suffix != ".jsonl":
-        raise ValueError(f"expected a .txt or .jsonl file, got {path}")
+        raise DocumentError(f"expected a .txt or .jsonl file, got {path}")
     documents = []
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, 1):
-            if line.strip():
+            if not line.strip():
+                continue
+            try:
                 record = json.loads(line)
-                document_id = str(record.get("id", f"{path.name}:{line_number}"))
-                documents.append(Document(document_id, record["text"], str(path)))
+            except json.JSONDecodeError as error:
+                raise DocumentError(f"{path}:{line_number}: not valid JSON ({error.msg}, column "
+                                    f"{error.colno}); each line is one JSON object") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DocumentError(f'{path}:{line_number}: no "text" string; each line is a JSON '
+                                    'object with the document in "text" ("id" optional)')
+            document_id = str(record.get("id", f"{path.name}:{line_number}"))
+            documents.append(Document(document_id, record["text"], str(path)))
     return documents
 
 
