@@ -835,7 +835,13 @@ def _latent_snapshot(W, i1, i2, i, Hinv, P_rows, lazy_error, lazy_drive):
 
 
 class _DynamicGroups:
-    """Group scales recomputed (min-max) from the latent weights at each group's start."""
+    """Group scales recomputed from the latent weights at each group's start.
+
+    Min-max by default, as the research code; with an MSE weight observer
+    (``observer: memoryless_mse`` or ``mse``) the clipping range is searched by
+    llm-compressor's own observer on the group's latent values, so both
+    ``group_scales`` modes clip the same way.
+    """
 
     def __init__(self, quantizer: _ColumnQuantizer):
         self.quant_args = quantizer.quant_args
@@ -845,6 +851,7 @@ class _DynamicGroups:
         # [batch, columns] group of each processed column
         self.g_idx_cpu = quantizer.g_idx.cpu()
         self.started = torch.zeros(self.g_idx_cpu.shape[0], num_groups, dtype=torch.bool)
+        self.observer = _group_observer(self.quant_args)
 
     def starts_group(self, column: int) -> bool:
         groups = self.g_idx_cpu[:, column]
@@ -858,12 +865,30 @@ class _DynamicGroups:
                 continue
             self.started[item, group] = True
             members = (self.g_idx_cpu[item, column:] == group).nonzero().flatten()
-            values = latent[item][members.to(latent.device)]
-            new_scale, new_zero = calculate_qparams(
-                values.amin(dim=0), values.amax(dim=0), self.quant_args
-            )
+            values = latent[item][members.to(latent.device)]  # [group columns, rows]
+            if self.observer is None:
+                new_scale, new_zero = calculate_qparams(
+                    values.amin(dim=0), values.amax(dim=0), self.quant_args
+                )
+            else:
+                qparams = self.observer(values.t().contiguous()).get_qparams()
+                new_scale, new_zero = qparams["scale"][:, 0], qparams["zero_point"][:, 0]
             self.scale[item, :, group] = new_scale.to(self.scale.dtype)
             self.zero_point[item, :, group] = new_zero.to(self.zero_point.dtype)
+
+
+def _group_observer(quant_args: QuantizationArgs):
+    """llm-compressor's MSE observer for one group's rows (per-row scales), or None for
+    min-max (every other observer name)."""
+    name = quant_args.observer or ""
+    if "mse" not in name:
+        return None
+    from llmcompressor.observers import Observer
+
+    row_args = quant_args.model_copy(
+        update={"strategy": QuantizationStrategy.CHANNEL, "group_size": None, "actorder": None}
+    )
+    return Observer.load_from_registry(name, base_name="weight", args=row_args)
 
 
 # -- candidates judged on held-out calibration tokens (guard, coefficient search) ------

@@ -237,3 +237,30 @@ def test_non_finite_weights_are_refused_before_calibration_naming_the_module(
         oneshot(model=model, dataset=calibration_dataset(),
                 recipe=[CAEModifier(ignore=IGNORE, config_groups=GROUP32)],
                 max_seq_length=32, num_calibration_samples=8)
+
+
+@pytest.mark.parametrize("observer", ["memoryless_mse", "memoryless_minmax"])
+def test_dynamic_group_scales_clip_like_the_observer_on_the_same_weights(observer):
+    """With a diagonal H no column's error reaches another column, so the latent
+    weights stay the originals and the dynamic scales must be exactly what
+    llm-compressor's observer computes on those weights (static scales)."""
+    from llmcompressor.observers import Observer
+
+    from rescomp_modifiers.compensation import GroupScales, compensate_weight
+
+    args = QuantizationArgs(num_bits=3, type="int", symmetric=True, strategy="group",
+                            group_size=8, observer=observer)
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(1, 6, 16, generator=generator)
+    weights[0, :, 3] *= 6  # an outlier column: MSE clips it, min-max does not
+    hessians = torch.diag(torch.rand(16, generator=generator) + 0.5)[None]
+    static = Observer.load_from_registry(observer, base_name="weight", args=args)
+    expected = static(weights[0]).get_qparams()
+    result = compensate_weight(
+        weights, hessians, torch.ones_like(expected["scale"])[None],
+        torch.zeros_like(expected["zero_point"])[None], None, args,
+        terms=CompensationTerms(group_scales=GroupScales.DYNAMIC), blocksize=8)
+    torch.testing.assert_close(result.scale[0], expected["scale"])
+    minmax = weights[0].reshape(6, 2, 8).abs().amax(-1) / 3.5  # int3 symmetric range
+    clipped = not torch.allclose(result.scale[0], minmax.to(result.scale.dtype), rtol=1e-3)
+    assert clipped == (observer == "memoryless_mse")
