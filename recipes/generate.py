@@ -12,7 +12,7 @@ HERE = Path(__file__).parent
 
 # every method of the plugin's vocabulary that ships recipes (not the baselines)
 METHODS = {
-    name: (method.modifier, method.description, method.settings)
+    name: (method.modifier, method.description, method.settings, method.weight_observer)
     for name, method in PLUGIN_METHODS.items()
     if method.ships_recipes
 }
@@ -55,11 +55,13 @@ quant_stage:
 
 
 def render(method: str, scheme: str, group_size: int | None, path: str) -> str:
-    modifier, method_comment, extra = METHODS[method]
+    modifier, method_comment, extra, observer = METHODS[method]
     scheme_comment, weights, _ = SCHEMES[scheme]
     weights = dict(weights)
     if group_size is not None:
         weights["group_size"] = group_size
+    if observer is not None:
+        weights["observer"] = observer
         scheme_comment = scheme_comment.replace("group 128", f"group {group_size}")
     if group_size == 64:
         scheme_comment += " (small-model variant: 576-wide models such as SmolLM2-135M)"

@@ -27,7 +27,20 @@ class Method:
     description: str = ""
     #: whether recipes are generated for it (the baselines are llm-compressor's own)
     ships_recipes: bool = True
+    #: the weight observer its scheme uses (None: the scheme's own, min-max by default);
+    #: ``memoryless_mse`` searches the clipping range by MSE, as the CAE paper did
+    weight_observer: str | None = None
+    #: the solver-table name of its update terms, when it is a configuration of another
+    #: method (None: its own name)
+    solver_method: str | None = None
 
+    @property
+    def terms_name(self) -> str:
+        return self.solver_method or self.name
+
+
+#: the recommended default's modifier settings (its observer is on the Method)
+RECOMMENDED_SETTINGS = {"statistics": "gptaq", "guard": "gptq"}
 
 METHODS: dict[str, Method] = {
     method.name: method
@@ -37,6 +50,9 @@ METHODS: dict[str, Method] = {
                ships_recipes=False),
         Method("gptq", "GPTQ (llm-compressor)", "GPTQModifier",
                description="llm-compressor's stock GPTQModifier", ships_recipes=False),
+        Method("gptq_mse", "GPTQ (llm-compressor, MSE clipping)", "GPTQModifier",
+               description="stock GPTQModifier with the MSE weight observer",
+               ships_recipes=False, weight_observer="memoryless_mse"),
         Method("gptq_cae", "GPTQ+CAE", "CAEModifier", {"statistics": "gptq"},
                "GPTQ + CAE (Algorithm 2; no full-precision stream needed)"),
         Method("gptaq", "GPTAQ", "GPTAQModifier", {},
@@ -47,6 +63,14 @@ METHODS: dict[str, Method] = {
                "FOEM: first-order error compensation"),
         Method("foem_gptaq", "FOEM+GPTAQ", "FOEMModifier", {"use_asymmetric_statistics": True},
                "FOEM on GPTAQ's asymmetric statistics", ships_recipes=False),
+        # The project's recommended default: see README "Recommended default" for the
+        # measurements behind each choice.
+        Method("recommended", "GPTAQ+CAE, MSE clipping, GPTQ guard (recommended)",
+               "CAEModifier", RECOMMENDED_SETTINGS,
+               "the recommended default: GPTAQ + CAE (released coefficients) with MSE "
+               "clipping, each module kept only where it beats GPTQ on held-out "
+               "calibration tokens", weight_observer="memoryless_mse",
+               solver_method="gptaq_cae"),
     )
 }
 
@@ -70,4 +94,31 @@ def build_modifier(name: str, **fields):
                                              CAEModifier, FOEMModifier)}
     cls = classes[method.modifier]
     accepted = {key: value for key, value in fields.items() if key in cls.model_fields}
+    if method.weight_observer:
+        accepted = _with_weight_observer(accepted, method.weight_observer)
     return cls(**method.settings, **accepted)
+
+
+def _with_weight_observer(fields: dict, observer: str) -> dict:
+    """``fields`` with every config group's weights observed by ``observer``; a preset
+    ``scheme`` name is expanded to its config group first."""
+    from compressed_tensors.quantization import QuantizationScheme, preset_name_to_scheme
+
+    fields = dict(fields)
+    groups = fields.pop("config_groups", None)
+    if groups is None:
+        scheme = fields.pop("scheme", None)
+        if not isinstance(scheme, str):
+            raise ValueError("a method with its own weight observer needs config_groups or "
+                             "a preset scheme name")
+        targets = fields.pop("targets", ["Linear"])
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        groups = {"group_0": preset_name_to_scheme(scheme, targets)}
+    updated = {}
+    for name, group in groups.items():
+        group = (group.model_dump(exclude_none=True) if isinstance(group, QuantizationScheme)
+                 else dict(group))
+        group["weights"] = dict(group["weights"], observer=observer)
+        updated[name] = group
+    fields["config_groups"] = updated
+    return fields

@@ -53,12 +53,18 @@ def test_one_method_vocabulary():
     for name, method in METHODS.items():
         modifier = build_modifier(name, scheme="W4A16", ignore=["lm_head"], semantics="paper")
         assert type(modifier).__name__ == method.modifier
+        observers = {group.weights.observer
+                     for group in modifier.resolve_quantization_config().config_groups.values()}
+        if method.weight_observer:
+            assert observers == {method.weight_observer}
+        else:
+            assert observers.isdisjoint({"memoryless_mse", "mse"})
         if isinstance(modifier, rescomp_modifiers.modifiers.CompensationModifier):
-            assert modifier.resolved_method() == name
+            assert modifier.resolved_method() == method.terms_name
             assert modifier.semantics == "paper"
-            CompensationTerms.for_method(name)
+            CompensationTerms.for_method(method.terms_name)
         elif isinstance(modifier, GPTQModifier):
-            assert name == "gptq"
+            assert name in ("gptq", "gptq_mse")
     with pytest.raises(ValueError, match="unknown method 'cae'"):
         build_modifier("cae")
     with pytest.raises(ValueError, match="Unknown method 'cae'"):
