@@ -288,7 +288,7 @@ def _too_long_windows(inputs, tmp_path):
     (["--bits", "9"], r"--bits must be an integer from 2 to 8; got 9"),
     (["--samples", "0"], r"--samples must be an integer of at least 1"),
     (["--seq-len", "1"], r"--seq-len must be an integer of at least 2"),
-    (["--group-size", "0"], r"--group-size must be an integer of at least 1"),
+    (["--group-size", "-1"], r"--group-size must be an integer of at least 0"),
     (["--bigbench-limit", "0"], r"--bigbench-limit must be at least 1"),
     (_bad_jsonl, None), (_no_text, None), (_missing_model, None), (_missing_recipe, None),
     (_bad_recipe, None),
@@ -348,3 +348,12 @@ def test_the_help_vocabulary_is_the_plugins():
     from rescomp_harness.compare import METHODS
 
     assert METHODS == {name: method.label for name, method in PLUGIN_METHODS.items()}
+
+
+def test_group_size_zero_compares_per_channel_scales():
+    from rescomp_harness.compare import CompareConfig, _scheme
+
+    channel = _scheme(CompareConfig(group_size=0))["group_0"]["weights"]
+    assert channel["strategy"] == "channel" and "group_size" not in channel
+    grouped = _scheme(CompareConfig(group_size=192))["group_0"]["weights"]
+    assert (grouped["strategy"], grouped["group_size"]) == ("group", 192)

@@ -25,7 +25,7 @@ def _compare_parser(sub) -> None:
     parser.add_argument("--recipes", nargs="*", default=[], help="extra recipe files to compare")
     parser.add_argument("--bits", type=int, default=defaults.bits, help="weight bits, 2 to 8")
     parser.add_argument("--group-size", type=int, default=defaults.group_size,
-                        help="weights per quantization group")
+                        help="weights per quantization group; 0: one scale per output channel")
     parser.add_argument("--asymmetric", action="store_true", help="zero-point quantization")
     parser.add_argument("--semantics", choices=["released", "paper"], default=defaults.semantics,
                         help="update semantics of our modifiers (README: semantics)")

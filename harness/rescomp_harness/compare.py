@@ -116,7 +116,7 @@ def validate_config(config: CompareConfig) -> None:
         raise InvalidComparison(f"--bits must be an integer from {BITS_RANGE.start} to "
                                 f"{BITS_RANGE.stop - 1}; got {config.bits!r}")
     minimums = {
-        "group_size": (1, "weights per quantization group"),
+        "group_size": (0, "weights per quantization group; 0 for one scale per output channel"),
         "samples": (1, "calibration windows each run draws"),
         "seq_len": (2, "tokens per calibration window"),
         "eval_seq_len": (2, "a window scores its tokens after the first, so 1 scores none"),
@@ -168,15 +168,11 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _scheme(config: CompareConfig) -> dict:
-    return {
-        "group_0": {
-            "targets": ["Linear"],
-            "weights": {
-                "num_bits": config.bits, "type": "int", "symmetric": config.symmetric,
-                "strategy": "group", "group_size": config.group_size,
-            },
-        }
-    }
+    weights = {"num_bits": config.bits, "type": "int", "symmetric": config.symmetric,
+               "strategy": "channel"}
+    if config.group_size:  # 0: one scale per output channel
+        weights.update(strategy="group", group_size=config.group_size)
+    return {"group_0": {"targets": ["Linear"], "weights": weights}}
 
 
 def build_recipe(method: str, config: CompareConfig):
@@ -592,7 +588,8 @@ def summarize(records: list[dict], config: CompareConfig) -> str:
     for metric in metrics:
         header += [metric, f"{metric} - GPTQ"]
     lines = [
-        f"W{config.bits} g{config.group_size} {'sym' if config.symmetric else 'asym'}, "
+        f"W{config.bits} {f'g{config.group_size}' if config.group_size else 'per-channel'} "
+        f"{'sym' if config.symmetric else 'asym'}, "
         f"{config.samples} x {config.seq_len} calibration tokens, semantics {config.semantics}; "
         "perplexity (lower is better) and accuracy, mean ± std over seeds; the difference "
         "to GPTQ is paired by seed (same calibration draw).",
