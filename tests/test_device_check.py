@@ -51,3 +51,4 @@ def test_cuda_without_cuda_is_one_clear_error(device_check, tmp_path, capsys):
         device_check.main(["--device", "cuda", "--out", str(tmp_path)])
     assert "sees no CUDA device; use --device cpu" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written
+
