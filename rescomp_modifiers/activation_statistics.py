@@ -117,8 +117,20 @@ def add_upper_blocks(hessian: torch.Tensor, observations: torch.Tensor) -> None:
 
 
 def symmetrize_upper_blocks(hessian: torch.Tensor) -> torch.Tensor:
-    """The full symmetric matrix from its upper triangle."""
-    return torch.triu(hessian) + torch.triu(hessian, 1).t()
+    """The full symmetric matrix from its upper triangle, in place.
+
+    Block by block (:data:`HESSIAN_BLOCK_ROWS`): each strictly lower block is a
+    transposed copy of its upper twin and each diagonal block mirrors its own upper
+    triangle, so no full-size temporary is made (``triu(H) + triu(H, 1).T`` made three
+    and took 0.65 s at 8192 columns on one core).
+    """
+    columns = hessian.shape[0]
+    for start in range(0, columns, HESSIAN_BLOCK_ROWS):
+        stop = min(start + HESSIAN_BLOCK_ROWS, columns)
+        diagonal = hessian[start:stop, start:stop]
+        diagonal.copy_(torch.triu(diagonal) + torch.triu(diagonal, 1).t())
+        hessian[stop:, start:stop] = hessian[start:stop, stop:].t()
+    return hessian
 
 
 def _same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

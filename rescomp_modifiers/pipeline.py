@@ -15,13 +15,17 @@ then compresses the subgraph and propagates the quantized stream through it, log
 the drift (mean squared difference between the two streams' subgraph outputs).
 
 Cost: one extra forward pass per subgraph compared with upstream's sequential pipeline
-(three instead of two) and a second activation cache of the same size, offloaded like
-the first.
+(three instead of two) and a second activation cache of the same size. Like
+llm-compressor's own cache it lives on oneshot's ``sequential_offload_device`` (default
+``cpu``); the environment variable ``RESCOMP_FULL_PRECISION_CACHE_DEVICE`` puts it
+elsewhere (e.g. ``cuda:0`` to save the transfers when the accelerator has the room, or
+``cpu`` while the quantized cache stays on the accelerator).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -40,9 +44,33 @@ from tqdm import tqdm
 from rescomp_modifiers.full_precision_stream import FullPrecisionStream
 from rescomp_modifiers.modifiers import CompensationModifier
 
-__all__ = ["DualStreamPipeline", "DriftRecord", "last_drift", "install_pipeline_inference"]
+__all__ = [
+    "DualStreamPipeline", "DriftRecord", "last_drift", "install_pipeline_inference",
+    "full_precision_cache_device",
+]
 
 PIPELINE_NAME = "dual_stream"
+#: overrides where the FP stream's activation cache lives (a torch device string)
+FULL_PRECISION_CACHE_DEVICE_ENV = "RESCOMP_FULL_PRECISION_CACHE_DEVICE"
+
+
+def full_precision_cache_device(dataset_args) -> torch.device:
+    """Where the FP activation cache lives: ``$RESCOMP_FULL_PRECISION_CACHE_DEVICE`` if
+    set, else oneshot's ``sequential_offload_device``, where the quantized cache lives."""
+    value = os.environ.get(FULL_PRECISION_CACHE_DEVICE_ENV) or dataset_args.sequential_offload_device
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise ValueError(
+            f"{FULL_PRECISION_CACHE_DEVICE_ENV}={value!r} is not a torch device: use cpu, "
+            "cuda or cuda:N"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"The full-precision cache device is {value!r} but torch sees no CUDA device: "
+            f"set {FULL_PRECISION_CACHE_DEVICE_ENV} (or sequential_offload_device) to cpu."
+        )
+    return device
 
 
 @dataclass
@@ -108,6 +136,7 @@ class DualStreamPipeline(CalibrationPipeline):
                 "propagate_error=False would make both streams full precision."
             )
 
+        fp_offload_device = full_precision_cache_device(dataset_args)
         onload_device = get_main_device()
         offload_device = torch.device(dataset_args.sequential_offload_device)
         set_onload_device(model, onload_device)
@@ -139,9 +168,11 @@ class DualStreamPipeline(CalibrationPipeline):
                 )
                 # A copy of the first cache, not a second pass over the loader (which
                 # may shuffle again): both streams must see the same samples in order.
+                # Its entries are shared with the quantized cache until the FP stream
+                # replaces them with its own outputs, which go to fp_offload_device.
                 fp_activations = IntermediatesCache(
                     [dict(batch) for batch in activations.batch_intermediates],
-                    offload_device,
+                    fp_offload_device,
                 )
                 session.state.loss_masks = None
                 num_batches = len(dataloader)
