@@ -394,8 +394,15 @@ def _run_ddp(model_dir, out, nproc):
         groups=GROUP32, out=str(out)))
     command = [sys.executable, str(script)]
     if nproc > 1:
+        import socket
+
+        # a port free now, not a fixed one another run on the machine may hold
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-                   str(nproc), "--master-port", "29531", str(script)]
+                   str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                   str(script)]
     subprocess.run(command, check=True, capture_output=True, timeout=600)
     return torch.load(out)
 
