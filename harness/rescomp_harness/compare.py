@@ -70,7 +70,7 @@ def _plugin_method_vocabulary():
 #: "recipe:<path>"
 METHODS = {name: method.label for name, method in _plugin_method_vocabulary().METHODS.items()}
 #: what a comparison runs when no --methods are named
-DEFAULT_METHODS = ["rtn", "gptq", "gptq_mse", "gptaq", "gptaq_cae", "recommended"]
+DEFAULT_METHODS = ["rtn", "gptq", "gptq_mse", "gptaq_cae", "recommended"]
 #: bit widths the integer group quantization is run and compared at
 BITS_RANGE = range(2, 9)
 
