@@ -32,15 +32,26 @@ SCHEMES = {
               {"num_bits": 2, "symmetric": False, "strategy": "group"}, (128, 64)),
 }
 
+# schemes that also ship a rotated variant (<scheme>_rot.yaml, <scheme>_g64_rot.yaml):
+# SpinQuant's R1 (residual stream) and R2 (attention heads) Hadamard rotations, fused
+# into the weights before the solver runs, as in the papers' QuaRot rows
+ROTATED_SCHEMES = ("w2a16", "w3a16", "w4a16")
+
+ROTATION = """\
+    SpinQuantModifier:
+      rotations: [R1, R2]
+      transform_type: hadamard
+{block_size}"""
+
 TEMPLATE = """\
 # {method_comment}
 # Scheme: {scheme_comment}.
-# Defaults (semantics: released) reproduce the published tables; set
+{rotation_comment}# Defaults (semantics: released) reproduce the published tables; set
 # `semantics: paper` for the papers' equations (all coefficients 1).
 # Use with: oneshot(model=..., dataset=..., recipe="{path}")
 quant_stage:
   quant_modifiers:
-    {modifier}:
+{rotation}    {modifier}:
       ignore: [lm_head]
       actorder: static
       dampening_frac: 0.01
@@ -54,7 +65,8 @@ quant_stage:
 {weights}"""
 
 
-def render(method: str, scheme: str, group_size: int | None, path: str) -> str:
+def render(method: str, scheme: str, group_size: int | None, path: str,
+           rotated: bool = False) -> str:
     modifier, method_comment, extra = METHODS[method]
     scheme_comment, weights, _ = SCHEMES[scheme]
     weights = dict(weights)
@@ -68,7 +80,17 @@ def render(method: str, scheme: str, group_size: int | None, path: str) -> str:
         for key, value in weights.items()
     )
     extra_lines = "".join(f"      {key}: {value}\n" for key, value in extra.items())
+    rotation, rotation_comment = "", ""
+    if rotated:
+        # a 576-wide model has no 576-point Hadamard matrix: block-diagonal 64-point ones
+        block_size = "" if group_size != 64 else "      transform_block_size: 64\n"
+        rotation = ROTATION.format(block_size=block_size)
+        rotation_comment = (
+            "# Rotated first: SpinQuant R1 + R2 Hadamard rotations, fused into the weights\n"
+            "# (no online transform), so the checkpoint serves like the unrotated scheme.\n"
+        )
     return TEMPLATE.format(
+        rotation=rotation, rotation_comment=rotation_comment,
         method_comment=method_comment, scheme_comment=scheme_comment, modifier=modifier,
         extra=extra_lines, weights=lines, path=path,
     )
@@ -85,6 +107,9 @@ def recipes() -> dict[str, str]:
             for name, group_size in variants:
                 path = f"recipes/{method}/{name}.yaml"
                 out[path] = render(method, scheme, group_size, path)
+                if scheme in ROTATED_SCHEMES:
+                    path = f"recipes/{method}/{name}_rot.yaml"
+                    out[path] = render(method, scheme, group_size, path, rotated=True)
     return out
 
 
