@@ -207,3 +207,53 @@ def test_modules_reading_one_input_still_share_statistics(tiny_model_dir, monkey
     assert f"{layer}self_attn.q_proj + {layer}self_attn.k_proj + {layer}self_attn.v_proj" in solved
     assert f"{layer}mlp.gate_proj + {layer}mlp.up_proj" in solved
     assert len(solved) == 4 * len(model.model.layers)
+
+
+TOKEN_INT8 = {**TOKEN_INT4, "num_bits": 8}
+HEAD_INT4 = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "attn_head",
+             "dynamic": False}
+W2 = {**WEIGHTS, "num_bits": 2, "symmetric": False}
+
+
+@pytest.mark.parametrize(
+    "weights, activations, kv_cache, rotated",
+    [
+        ({"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
+         TOKEN_INT8, STATIC_INT8, False),                       # W8A8 KV8
+        (WEIGHTS, TOKEN_INT8, None, False),                      # W4A8
+        (WEIGHTS, TOKEN_INT4, HEAD_INT4, True),                  # W4A4 KV4 + rotation
+        (W2, TOKEN_INT4, HEAD_INT4, True),                       # W2A4 KV4 + rotation
+    ],
+    ids=["w8a8_kv8", "w4a8", "w4a4_kv4_rot", "w2a4_kv4_rot"],
+)
+def test_each_combination_saves_and_reloads(tiny_model_dir, tmp_path, solver_calls, weights,
+                                            activations, kv_cache, rotated):
+    from llmcompressor.modifiers.transform import SpinQuantModifier
+
+    recipe = [CAEModifier(ignore=IGNORE, kv_cache_scheme=kv_cache, config_groups={
+        "group_0": {"targets": ["Linear"], "weights": weights,
+                    "input_activations": activations}})]
+    if rotated:
+        recipe.insert(0, SpinQuantModifier(rotations=["R1", "R2"], transform_type="hadamard"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    run(model, recipe)
+    # every Linear solved, with D carrying the activations' error from layer 0 on
+    assert all(d.abs().max() > 0 for d in solver_calls.values())
+    assert len(solver_calls) == 7 * len(model.model.layers)
+
+    ids = torch.randint(4, 90, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path / "checkpoint", save_compressed=True)
+    config = json.loads((tmp_path / "checkpoint" / "config.json").read_text())
+    config = config["quantization_config"]
+    saved = config["config_groups"]["group_0"]
+    assert saved["weights"]["num_bits"] == weights["num_bits"]
+    assert saved["input_activations"]["num_bits"] == activations["num_bits"]
+    assert saved["input_activations"]["dynamic"] is True
+    assert (config["kv_cache_scheme"] or {}).get("num_bits") == (kv_cache or {}).get("num_bits")
+    assert bool(config.get("transform_config")) == rotated
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint")
+    with torch.no_grad():
+        actual = reloaded(ids).logits
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
