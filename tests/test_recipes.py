@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from compressed_tensors.quantization import QuantizationArgs
 from llmcompressor.modifiers.transform import SpinQuantModifier
 from llmcompressor.recipe import Recipe
 
@@ -48,6 +49,11 @@ def test_recipe_parses_into_modifier(relative):
     assert ("group_size" in args) == (args["strategy"] == "group")
     if "_g64" in scheme:
         assert args["group_size"] == 64
+    base = scheme.removesuffix("_rot").removesuffix("_g64")
+    group = settings["config_groups"]["group_0"]
+    assert group.get("input_activations") == generate.ACTIVATIONS.get(base)
+    kv_cache = generate.KV_CACHE.get(base)
+    assert modifier.kv_cache_scheme == (kv_cache and QuantizationArgs(**kv_cache))
 
 
 def test_one_method_vocabulary():
@@ -75,12 +81,16 @@ def test_one_method_vocabulary():
 
 def test_rotated_recipes_for_each_method():
     for method in generate.METHODS:
-        for scheme in ("w2a16", "w3a16", "w4a16"):
+        for scheme in ("w2a16", "w3a16", "w4a16", "w4a4_kv4", "w2a4_kv4"):
             for variant in (f"{scheme}_rot", f"{scheme}_g64_rot"):
                 assert f"recipes/{method}/{variant}.yaml" in RECIPES
+        # 4-bit activations only with the rotation
+        assert f"recipes/{method}/w4a4_kv4.yaml" not in RECIPES
+        assert f"recipes/{method}/w8a8.yaml" in RECIPES
 
 
-def test_rotated_recipe_file_runs(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("name", ["w4a16_g64_rot", "w4a4_kv4_g64_rot"])
+def test_rotated_recipe_file_runs(tiny_model_dir, tmp_path, name):
     """The shipped file end to end: rotation, GPTAQ+CAE, a checkpoint that reloads."""
     import torch
     from llmcompressor import oneshot
@@ -92,7 +102,7 @@ def test_rotated_recipe_file_runs(tiny_model_dir, tmp_path):
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     oneshot(model=model, dataset=calibration_dataset(), max_seq_length=32,
             num_calibration_samples=8,
-            recipe=str(ROOT / "recipes" / "gptaq_cae" / "w4a16_g64_rot.yaml"))
+            recipe=str(ROOT / "recipes" / "gptaq_cae" / f"{name}.yaml"))
     # rotated: q_proj's input side carries the Hadamard rotation and the fused norm
     q_proj = "model.layers.0.self_attn.q_proj"
     assert not torch.allclose(model.get_submodule(q_proj).weight,
