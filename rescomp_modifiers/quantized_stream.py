@@ -62,10 +62,6 @@ class QuantizedStreamActivations:
             module.register_forward_pre_hook(self._quantize_input) for module in self._inputs
         ]
 
-    @property
-    def quantizes_anything(self) -> bool:
-        return bool(self._inputs or self._attention)
-
     def _ready(self, module: torch.nn.Module) -> bool:
         quant_args = module.quantization_scheme.input_activations
         return _is_dynamic(quant_args) or module in self._calibrated
