@@ -34,23 +34,25 @@ SCHEMES = {
              {"num_bits": 8, "symmetric": True, "strategy": "channel"}, (None, None)),
     "w4a8": ("4-bit, group 128, symmetric; 8-bit per-token dynamic activations",
              {"num_bits": 4, "symmetric": True, "strategy": "group"}, (128, 64)),
-    "w4a4_kv4": ("4-bit, group 128, symmetric; 4-bit per-token dynamic activations with "
-                 "zero point; 4-bit KV cache per attention head (calibrated), the papers' "
+    "w4a4_kv4": ("4-bit, group 128, symmetric; 4-bit per-token dynamic symmetric "
+                 "activations; 4-bit KV cache per attention head (calibrated), the papers' "
                  "W4A4KV4 rows",
                  {"num_bits": 4, "symmetric": True, "strategy": "group"}, (128, 64)),
-    "w2a4_kv4": ("2-bit, group 128, with zero point; 4-bit per-token dynamic activations "
-                 "with zero point; 4-bit KV cache per attention head (calibrated)",
+    "w2a4_kv4": ("2-bit, group 128, with zero point; 4-bit per-token dynamic symmetric "
+                 "activations; 4-bit KV cache per attention head (calibrated)",
                  {"num_bits": 2, "symmetric": False, "strategy": "group"}, (128, 64)),
 }
 
 # quantized input activations per scheme (absent: weight-only); quantized in the
-# quantized stream during calibration exactly as at inference
+# quantized stream during calibration exactly as at inference. 4-bit activations are
+# symmetric (the papers use a zero point): vLLM's int4-activation kernel (WNA4, GPU)
+# takes symmetric ones only
 _PER_TOKEN = {"type": "int", "strategy": "token", "dynamic": True}
 ACTIVATIONS = {
     "w8a8": {"num_bits": 8, "symmetric": True, **_PER_TOKEN},
     "w4a8": {"num_bits": 8, "symmetric": True, **_PER_TOKEN},
-    "w4a4_kv4": {"num_bits": 4, "symmetric": False, **_PER_TOKEN},
-    "w2a4_kv4": {"num_bits": 4, "symmetric": False, **_PER_TOKEN},
+    "w4a4_kv4": {"num_bits": 4, "symmetric": True, **_PER_TOKEN},
+    "w2a4_kv4": {"num_bits": 4, "symmetric": True, **_PER_TOKEN},
 }
 _KV4 = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "attn_head",
         "dynamic": False}
