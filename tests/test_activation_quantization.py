@@ -257,3 +257,30 @@ def test_each_combination_saves_and_reloads(tiny_model_dir, tmp_path, solver_cal
     with torch.no_grad():
         actual = reloaded(ids).logits
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_solvers_without_fp_stream_see_quantized_activations_under_dual_stream(
+        tiny_model_dir, passes, monkeypatch):
+    """GPTQ+CAE needs no FP stream and runs upstream's pipeline by default (activations
+    unquantized during calibration); pipeline='dual_stream' calibrates it on the
+    quantized stream as at inference."""
+    from rescomp_modifiers.quantized_stream import QuantizedStreamActivations
+
+    quantized = []  # (pass, whether the input was fake-quantized)
+    original = QuantizedStreamActivations._quantize_input
+    monkeypatch.setattr(QuantizedStreamActivations, "_quantize_input",
+                        lambda self, module, args: quantized.append(
+                            (passes(), (result := original(self, module, args)) is not None))
+                        or result)
+    recipe = [CAEModifier(statistics="gptq", ignore=IGNORE, config_groups=scheme(TOKEN_INT8))]
+    run(AutoModelForCausalLM.from_pretrained(tiny_model_dir), recipe)
+    assert quantized == []  # upstream's sequential pipeline
+    recipe = [CAEModifier(statistics="gptq", ignore=IGNORE, config_groups=scheme(TOKEN_INT8))]
+    oneshot(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+            dataset=calibration_dataset(num_samples=NUM_SAMPLES), recipe=recipe,
+            max_seq_length=32, num_calibration_samples=NUM_SAMPLES, batch_size=BATCH_SIZE,
+            pipeline="dual_stream")
+    by_pass = {}
+    for current, done in quantized:
+        by_pass.setdefault(current, set()).add(done)
+    assert by_pass == {"fp": {False}, "calibrate": {True}, "propagate": {True}}
