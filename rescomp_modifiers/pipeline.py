@@ -9,7 +9,9 @@ untouched model. Per subgraph (a decoder layer by default) and per batch this pi
    stashing each watched module's input (X_fp) and keeping the outputs as the next
    subgraph's FP inputs;
 2. runs the quantized stream through the same subgraph with hooks on: the modifiers
-   accumulate H and D from X_q and the stashed X_fp of the same samples;
+   accumulate H and D from X_q and the stashed X_fp of the same samples. Input
+   activations and the KV cache are quantized in this stream as at inference
+   (:mod:`rescomp_modifiers.quantized_stream`), never in the FP stream;
 
 then compresses the subgraph and propagates the quantized stream through it, logging
 the drift (mean squared difference between the two streams' subgraph outputs).
@@ -43,6 +45,7 @@ from tqdm import tqdm
 
 from rescomp_modifiers.full_precision_stream import FullPrecisionStream
 from rescomp_modifiers.modifiers import CompensationModifier
+from rescomp_modifiers.quantized_stream import QuantizedStreamActivations
 
 __all__ = [
     "DualStreamPipeline", "DriftRecord", "last_drift", "install_pipeline_inference",
@@ -157,9 +160,12 @@ class DualStreamPipeline(CalibrationPipeline):
             modifier.attach_full_precision_stream(stream)
         drift: list[DriftRecord] = []
         setattr(session.state, DRIFT_STATE_ATTRIBUTE, drift)
+        quantized_stream = None
 
         try:
             LifecycleCallbacks.calibration_start()
+            # after calibration_start: its hooks follow the observers' hooks
+            quantized_stream = QuantizedStreamActivations(model)
             with contextlib.ExitStack() as stack:
                 stack.enter_context(calibration_forward_context(model))
                 stack.enter_context(DisableQuantization(model))
@@ -187,9 +193,10 @@ class DualStreamPipeline(CalibrationPipeline):
                             with HooksMixin.disable_hooks(), stream.capturing():
                                 fp_outputs = subgraph.forward(model, **fp_inputs)
                             del fp_inputs
-                            subgraph.forward(
-                                model, **activations.fetch(batch_idx, subgraph.input_names)
-                            )
+                            with quantized_stream.quantizing():
+                                subgraph.forward(
+                                    model, **activations.fetch(batch_idx, subgraph.input_names)
+                                )
                             stream.assert_consumed()
                             if not last:
                                 fp_activations.update(batch_idx, fp_outputs)
@@ -197,8 +204,9 @@ class DualStreamPipeline(CalibrationPipeline):
                             del fp_outputs
 
                         LifecycleCallbacks.sequential_epoch_end(subgraph.submodules(model))
+                        quantized_stream.mark_calibrated(subgraph.submodules(model))
                         total, count = 0.0, 0
-                        with HooksMixin.disable_hooks():
+                        with HooksMixin.disable_hooks(), quantized_stream.quantizing():
                             for batch_idx in tqdm(range(num_batches), desc=f"{desc}: Propagating"):
                                 outputs = subgraph.forward(
                                     model, **activations.fetch(batch_idx, subgraph.input_names)
@@ -221,6 +229,8 @@ class DualStreamPipeline(CalibrationPipeline):
                 LifecycleCallbacks.calibration_end()
         finally:
             stream.close()
+            if quantized_stream is not None:
+                quantized_stream.close()
             for modifier in dual:
                 modifier.attach_full_precision_stream(None)
 

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from compressed_tensors.quantization import QuantizationArgs
+from llmcompressor.modifiers.transform import SpinQuantModifier
 from llmcompressor.recipe import Recipe
 
 import rescomp_modifiers
@@ -26,20 +28,32 @@ def test_committed_recipes_match_generator():
 @pytest.mark.parametrize("relative", sorted(RECIPES))
 def test_recipe_parses_into_modifier(relative):
     recipe = Recipe.create_instance(str(ROOT / relative))
-    (modifier,) = recipe.modifiers
+    scheme = Path(relative).stem
+    if scheme.endswith("_rot"):
+        # the rotation runs first, so the solver quantizes the rotated weights
+        rotation, modifier = recipe.modifiers
+        assert type(rotation) is SpinQuantModifier
+        assert list(rotation.rotations) == ["R1", "R2"]
+        assert rotation.transform_block_size == (64 if "_g64" in scheme else None)
+    else:
+        (modifier,) = recipe.modifiers
     method = Path(relative).parent.name
     expected = {"gptaq": rescomp_modifiers.GPTAQModifier, "foem": rescomp_modifiers.FOEMModifier}
     assert type(modifier) is expected.get(method, rescomp_modifiers.CAEModifier)
     if method.endswith("cae"):
         assert modifier.statistics == ("gptaq" if method == "gptaq_cae" else "gptq")
     weights = yaml.safe_load((ROOT / relative).read_text())["quant_stage"]["quant_modifiers"]
-    (settings,) = weights.values()
+    (settings,) = (value for key, value in weights.items() if key != "SpinQuantModifier")
     args = settings["config_groups"]["group_0"]["weights"]
-    scheme = Path(relative).stem
     assert args["num_bits"] == int(scheme[1])
     assert ("group_size" in args) == (args["strategy"] == "group")
-    if scheme.endswith("_g64"):
+    if "_g64" in scheme:
         assert args["group_size"] == 64
+    base = scheme.removesuffix("_rot").removesuffix("_g64")
+    group = settings["config_groups"]["group_0"]
+    assert group.get("input_activations") == generate.ACTIVATIONS.get(base)
+    kv_cache = generate.KV_CACHE.get(base)
+    assert modifier.kv_cache_scheme == (kv_cache and QuantizationArgs(**kv_cache))
 
 
 def test_one_method_vocabulary():
@@ -69,3 +83,40 @@ def test_one_method_vocabulary():
         build_modifier("cae")
     with pytest.raises(ValueError, match="Unknown method 'cae'"):
         CompensationTerms.for_method("cae")
+
+
+def test_rotated_recipes_for_each_method():
+    for method in generate.METHODS:
+        for scheme in ("w2a16", "w3a16", "w4a16", "w4a4_kv4", "w2a4_kv4"):
+            for variant in (f"{scheme}_rot", f"{scheme}_g64_rot"):
+                assert f"recipes/{method}/{variant}.yaml" in RECIPES
+        # 4-bit activations only with the rotation
+        assert f"recipes/{method}/w4a4_kv4.yaml" not in RECIPES
+        assert f"recipes/{method}/w8a8.yaml" in RECIPES
+
+
+@pytest.mark.parametrize("name", ["w4a16_g64_rot", "w4a4_kv4_g64_rot"])
+def test_rotated_recipe_file_runs(tiny_model_dir, tmp_path, name):
+    """The shipped file end to end: rotation, GPTAQ+CAE, a checkpoint that reloads."""
+    import torch
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM
+
+    from conftest import calibration_dataset
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    oneshot(model=model, dataset=calibration_dataset(), max_seq_length=32,
+            num_calibration_samples=8,
+            recipe=str(ROOT / "recipes" / "gptaq_cae" / f"{name}.yaml"))
+    # rotated: q_proj's input side carries the Hadamard rotation and the fused norm
+    q_proj = "model.layers.0.self_attn.q_proj"
+    assert not torch.allclose(model.get_submodule(q_proj).weight,
+                              original.get_submodule(q_proj).weight, atol=0.05)
+    ids = torch.randint(4, 90, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path / "checkpoint", save_compressed=True)
+    with torch.no_grad():
+        actual = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint")(ids).logits
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)

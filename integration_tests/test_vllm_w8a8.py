@@ -1,0 +1,110 @@
+"""A rotated W4A16 GPTAQ+CAE checkpoint and a W8A8 one, served by vLLM on CPU.
+
+The embedded SmolLM2-135M-Instruct is quantized with the shipped recipes
+``recipes/gptaq_cae/w4a16_g64_rot.yaml`` (SpinQuant R1 + R2 fused into the weights, then
+4-bit weights, group 64) and ``recipes/gptaq_cae/w8a8.yaml`` (8-bit weights per channel,
+8-bit per-token dynamic activations, quantized in the calibration's quantized stream as
+at inference), then served with the dense model in one vLLM worker: the rotated
+checkpoint by the CPU weight-only kernel, the W8A8 one by vLLM's CPU int8 kernel. The
+checks are those of ``test_vllm_serving.py``: kernels, non-empty greedy answers, the
+cloze test and held-out perplexity.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from rescomp_harness.assets import brown_documents, default_model_path
+from rescomp_harness.data import calibration_dataset, split_documents
+from rescomp_harness.serving import ensure_vllm_env, serve_and_measure
+
+from test_vllm_serving import CAPITALS, CLOZE, SANITY
+
+pytestmark = pytest.mark.integration
+
+RECIPES = Path(__file__).parent.parent / "recipes" / "gptaq_cae"
+CHECKPOINTS = {"w4a16_rot": RECIPES / "w4a16_g64_rot.yaml", "w8a8": RECIPES / "w8a8.yaml"}
+# fewer than test_vllm_serving.py's 32 x 256: two calibrations fit the CI budget
+CALIBRATION_SAMPLES, CALIBRATION_LEN = 16, 256
+# Held-out perplexity relative to dense. W4A16 g64 without rotation costs GPTAQ+CAE
+# 1.23x dense and RTN 1.34x (README table); a broken rotation or weight layout costs
+# orders of magnitude. 8-bit weights and activations cost a few percent.
+MAX_PPL_RATIO = {"w4a16_rot": 1.5, "w8a8": 1.1}
+KERNELS = {"w4a16_rot": "CompressedTensorsWNA16/CPUWNA16LinearKernel",
+           "w8a8": "CompressedTensorsW8A8Int8/CPUInt8ScaledMMLinearKernel"}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    import torch
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import rescomp_modifiers  # noqa: F401  (registers CAEModifier for the recipes)
+
+    ensure_vllm_env()
+    model_dir = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    split = split_documents(brown_documents())
+    dataset = calibration_dataset(tokenizer, split.calibration, CALIBRATION_SAMPLES,
+                                  CALIBRATION_LEN, seed=0)
+    root = tmp_path_factory.mktemp("vllm_w8a8")
+    checkpoints = {"dense": str(model_dir)}
+    for name, recipe in CHECKPOINTS.items():
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        oneshot(model=model, recipe=str(recipe), processor=tokenizer, dataset=dataset,
+                num_calibration_samples=CALIBRATION_SAMPLES,
+                max_seq_length=CALIBRATION_LEN, batch_size=8)
+        model.save_pretrained(root / name, save_compressed=True)
+        tokenizer.save_pretrained(root / name)
+        checkpoints[name] = str(root / name)
+    results = serve_and_measure(
+        checkpoints, [prompt for prompt, _ in SANITY], [d.text for d in split.evaluation],
+        max_tokens=12, window=512, max_windows=16, choices=CLOZE,
+        log_file=root / "vllm_worker.log",
+    )
+    results["checkpoints"] = checkpoints
+    print(json.dumps({k: results[k] for k in ("kernel_log", "exit_code")}, indent=1))
+    return results
+
+
+def test_checkpoints_carry_their_scheme(served):
+    rotated = json.loads((Path(served["checkpoints"]["w4a16_rot"]) / "config.json").read_text())
+    config = rotated["quantization_config"]
+    # the rotation is fused: recorded, with nothing left to run online
+    locations = {apply["location"] for scheme in config["transform_config"]["config_groups"]
+                 .values() for apply in scheme["apply"]}
+    assert locations == {"weight_input", "weight_output"}
+    w8a8 = json.loads((Path(served["checkpoints"]["w8a8"]) / "config.json").read_text())
+    activations = w8a8["quantization_config"]["config_groups"]["group_0"]["input_activations"]
+    assert (activations["num_bits"], activations["strategy"], activations["dynamic"]) == (
+        8, "token", True)
+
+
+def test_served_with_cpu_kernels(served):
+    assert not served["errors"], served["errors"]
+    assert served["exit_code"] in (0, 134, -6)  # 134: vLLM's abort at exit, results complete
+    for name, kernel in KERNELS.items():  # 30 layers x (qkv, o, gate_up, down)
+        assert served["models"][name]["linear_kernels"] == {kernel: 120}, served["models"][name]
+        assert all(a.strip() for a in served["models"][name]["generations"])
+
+
+@pytest.mark.parametrize("name", ["w4a16_rot", "w8a8"])
+def test_cloze_ranks_the_right_capital_first(served, name):
+    for (prompt, candidates), row in zip(CLOZE, served["models"][name]["choices"]):
+        answer = CAPITALS[prompt.removeprefix("The capital of ").removesuffix(" is")]
+        ranked = sorted(zip(row, candidates), reverse=True)
+        assert ranked[0][1] == f" {answer}", f"{name}: {prompt!r} ranked {ranked}"
+
+
+def test_perplexity_close_to_dense(served):
+    ppl = {name: m["perplexity"]["perplexity"] for name, m in served["models"].items()}
+    print("vLLM prompt-logprob perplexity:", ppl)
+    assert all(math.isfinite(p) for p in ppl.values())
+    assert ppl["dense"] < ppl["w4a16_rot"]
+    for name, ratio in MAX_PPL_RATIO.items():
+        assert ppl[name] <= ratio * ppl["dense"], ppl
