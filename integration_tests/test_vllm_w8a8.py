@@ -20,7 +20,7 @@ import pytest
 
 from rescomp_harness.assets import brown_documents, default_model_path
 from rescomp_harness.data import calibration_dataset, split_documents
-from rescomp_harness.serving import ensure_vllm_env, serve_and_measure
+from rescomp_harness.serving import checkpoint_servable, ensure_vllm_env, serve_and_measure
 
 from test_vllm_serving import CAPITALS, CLOZE, SANITY
 
@@ -83,6 +83,10 @@ def test_checkpoints_carry_their_scheme(served):
     activations = w8a8["quantization_config"]["config_groups"]["group_0"]["input_activations"]
     assert (activations["num_bits"], activations["strategy"], activations["dynamic"]) == (
         8, "token", True)
+    for name, kernel in (("w8a8", "CPUInt8ScaledMMLinearKernel"),
+                         ("w4a16_rot", "CPUWNA16LinearKernel")):
+        ok, reason = checkpoint_servable(served["checkpoints"][name])
+        assert ok and kernel in reason, reason
 
 
 def test_served_with_cpu_kernels(served):

