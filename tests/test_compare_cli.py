@@ -357,3 +357,44 @@ def test_group_size_zero_compares_per_channel_scales():
     assert channel["strategy"] == "channel" and "group_size" not in channel
     grouped = _scheme(CompareConfig(group_size=192))["group_0"]["weights"]
     assert (grouped["strategy"], grouped["group_size"]) == ("group", 192)
+
+
+def test_low_bit_settings_build_rotation_activation_and_kv_quantization():
+    from llmcompressor.modifiers.transform import SpinQuantModifier
+
+    from rescomp_harness.compare import build_recipe
+    from rescomp_modifiers import CAEModifier
+
+    config = CompareConfig(rotation="spinquant", rotation_block_size=64, activation_bits=4,
+                           kv_bits=8)
+    rotation, modifier = build_recipe("gptaq_cae", config)
+    assert isinstance(rotation, SpinQuantModifier) and rotation.transform_block_size == 64
+    assert isinstance(modifier, CAEModifier)
+    activations = modifier.config_groups["group_0"].input_activations
+    assert (activations.num_bits, activations.strategy, activations.dynamic) == (4, "token", True)
+    assert modifier.kv_cache_scheme.num_bits == 8
+    (plain,) = build_recipe("gptq", CompareConfig())
+    assert plain.config_groups["group_0"].input_activations is None
+    assert plain.kv_cache_scheme is None
+
+
+def test_a_rotated_w4a8_kv8_comparison_runs(inputs, tmp_path):
+    out = run_comparison(_config(inputs, tmp_path / "lowbit", methods=["rtn", "gptaq_cae"],
+                                 rotation="spinquant", activation_bits=8, kv_bits=8))
+    records = _records(out)
+    assert {r["method"] for r in records} == {"dense", "rtn", "gptaq_cae"}
+    assert all(math.isfinite(v) for r in records for v in r["scores"].values())
+    assert "W4A8KV8 rotated (SpinQuant R1+R2)" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("rotation", "quarot", "--rotation must be"),
+    ("rotation_block_size", 48, "power of two"),
+    ("activation_bits", 6, "--activation-bits must be 4, 8 or 16"),
+    ("kv_bits", 2, "--kv-bits must be 4, 8 or 16"),
+])
+def test_low_bit_settings_are_validated(flag, value, message):
+    from rescomp_harness.compare import validate_config
+
+    with pytest.raises(InvalidComparison, match=message):
+        validate_config(CompareConfig(**{flag: value}))

@@ -27,6 +27,14 @@ def _compare_parser(sub) -> None:
     parser.add_argument("--group-size", type=int, default=defaults.group_size,
                         help="weights per quantization group; 0: one scale per output channel")
     parser.add_argument("--asymmetric", action="store_true", help="zero-point quantization")
+    parser.add_argument("--rotation", choices=["none", "spinquant"], default=defaults.rotation,
+                        help="rotate first (SpinQuant R1+R2 Hadamard, fused into the weights)")
+    parser.add_argument("--rotation-block-size", type=int, default=None,
+                        help="Hadamard block size (64 for 576-wide models such as SmolLM2)")
+    parser.add_argument("--activation-bits", type=int, default=defaults.activation_bits,
+                        help="input activations, dynamic per token (16: weight-only)")
+    parser.add_argument("--kv-bits", type=int, default=defaults.kv_bits,
+                        help="KV cache, static integer (16: unquantized)")
     parser.add_argument("--semantics", choices=["released", "paper"], default=defaults.semantics,
                         help="update semantics of our modifiers (README: semantics)")
     parser.add_argument("--calibration", default=defaults.calibration,

@@ -103,6 +103,16 @@ class CompareConfig:
     bigbench: list[str] = field(default_factory=list)
     bigbench_limit: int | None = 200
     output: str = "outputs/compare"
+    #: ``spinquant``: SpinQuant's R1 + R2 Hadamard rotations before every row's
+    #: quantizer (fused into the weights), as the papers' low-bit tables
+    rotation: str = "none"
+    #: Hadamard block size of the rotation (None: the model's width; 64 for 576-wide
+    #: models such as SmolLM2, which have no 576-point Hadamard matrix)
+    rotation_block_size: int | None = None
+    #: input-activation bits (dynamic, per token, symmetric); 16: weight-only
+    activation_bits: int = 16
+    #: KV-cache bits (static integer); 16: unquantized
+    kv_bits: int = 16
 
 
 def _flag(name: str) -> str:
@@ -132,6 +142,16 @@ def validate_config(config: CompareConfig) -> None:
                                               or config.bigbench_limit < 1):
         raise InvalidComparison(f"--bigbench-limit must be at least 1 (or None for every "
                                 f"example); got {config.bigbench_limit!r}")
+    if config.rotation not in ("none", "spinquant"):
+        raise InvalidComparison(f"--rotation must be 'none' or 'spinquant'; got {config.rotation!r}")
+    if config.rotation_block_size is not None and (
+            config.rotation_block_size < 2 or config.rotation_block_size & (config.rotation_block_size - 1)):
+        raise InvalidComparison(f"--rotation-block-size must be a power of two; got "
+                                f"{config.rotation_block_size!r}")
+    for name in ("activation_bits", "kv_bits"):
+        if getattr(config, name) not in (4, 8, 16):
+            raise InvalidComparison(f"{_flag(name)} must be 4, 8 or 16 (16: not quantized); got "
+                                    f"{getattr(config, name)!r}")
     if config.semantics not in ("released", "paper"):
         raise InvalidComparison(f"--semantics must be 'released' or 'paper'; got {config.semantics!r}")
     unknown = [m for m in config.methods if m not in METHODS]
@@ -172,7 +192,31 @@ def _scheme(config: CompareConfig) -> dict:
                "strategy": "channel"}
     if config.group_size:  # 0: one scale per output channel
         weights.update(strategy="group", group_size=config.group_size)
-    return {"group_0": {"targets": ["Linear"], "weights": weights}}
+    group = {"targets": ["Linear"], "weights": weights}
+    if config.activation_bits < 16:
+        group["input_activations"] = {"num_bits": config.activation_bits, "type": "int",
+                                      "symmetric": True, "strategy": "token", "dynamic": True}
+    return {"group_0": group}
+
+
+def _kv_cache_scheme(config: CompareConfig) -> dict | None:
+    if config.kv_bits == 16:
+        return None
+    if config.kv_bits == 8:
+        return {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor",
+                "dynamic": False}
+    return {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "attn_head",
+            "dynamic": False}
+
+
+def _rotation(config: CompareConfig) -> list:
+    if config.rotation == "none":
+        return []
+    from llmcompressor.modifiers.transform import SpinQuantModifier
+
+    options = {} if config.rotation_block_size is None else {
+        "transform_block_size": config.rotation_block_size}
+    return [SpinQuantModifier(rotations=["R1", "R2"], transform_type="hadamard", **options)]
 
 
 def build_recipe(method: str, config: CompareConfig):
@@ -181,8 +225,10 @@ def build_recipe(method: str, config: CompareConfig):
         return method[len("recipe:"):]
     from rescomp_modifiers.methods import build_modifier
 
-    return [build_modifier(method, ignore=["lm_head"], config_groups=_scheme(config),
-                           semantics=config.semantics)]
+    fields = dict(ignore=["lm_head"], config_groups=_scheme(config), semantics=config.semantics)
+    if config.kv_bits < 16:
+        fields["kv_cache_scheme"] = _kv_cache_scheme(config)
+    return _rotation(config) + [build_modifier(method, **fields)]
 
 
 def _decoder_layers(model) -> list:
@@ -588,7 +634,11 @@ def summarize(records: list[dict], config: CompareConfig) -> str:
     for metric in metrics:
         header += [metric, f"{metric} - GPTQ"]
     lines = [
-        f"W{config.bits} {f'g{config.group_size}' if config.group_size else 'per-channel'} "
+        f"W{config.bits}"
+        f"{f'A{config.activation_bits}' if config.activation_bits < 16 else ''}"
+        f"{f'KV{config.kv_bits}' if config.kv_bits < 16 else ''}"
+        f"{' rotated (SpinQuant R1+R2)' if config.rotation != 'none' else ''} "
+        f"{f'g{config.group_size}' if config.group_size else 'per-channel'} "
         f"{'sym' if config.symmetric else 'asym'}, "
         f"{config.samples} x {config.seq_len} calibration tokens, semantics {config.semantics}; "
         "perplexity (lower is better) and accuracy, mean ± std over seeds; the difference "
