@@ -99,10 +99,11 @@ def variant_of(method: str) -> str:
     return Path(method.split(":", 1)[1]).stem if method.startswith("recipe:") else method
 
 
-def gap_closed(records: list[dict]) -> dict[tuple[str, str], list[float]]:
-    """(variant, corpus) -> per seed, (GPTQ - variant) / (GPTQ - dense) perplexity."""
+def gap_closed(records: list[dict], baseline: str = "gptq") -> dict[tuple[str, str], list[float]]:
+    """(variant, corpus) -> per seed, (baseline - variant) / (baseline - dense) perplexity,
+    the baseline of the same seed (same calibration draw)."""
     dense = next(r["scores"] for r in records if r["method"] == "dense")
-    gptq = {r["seed"]: r["scores"] for r in records if r["method"] == "gptq"}
+    gptq = {r["seed"]: r["scores"] for r in records if variant_of(r["method"]) == baseline}
     closed: dict[tuple[str, str], list[float]] = {}
     for record in records:
         if record["method"] == "dense" or record["seed"] not in gptq:
@@ -121,14 +122,16 @@ def _spread(values: list[float]) -> str:
 
 
 def table(root: Path) -> str:
-    from rescomp_harness.compare import _read_results
+    from rescomp_harness.compare import _scan_results
 
-    lines = ["| setting | variant | seeds | ppl Brown | ppl SOTU | gap closed Brown | "
-             "gap closed SOTU | worst seed |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | variant | seeds | ppl Brown | ppl SOTU | GPTQ gap closed Brown | "
+             "GPTQ gap closed SOTU | worst seed | GPTQ+MSE gap closed Brown | "
+             "GPTQ+MSE gap closed SOTU |", "|---|---|---|---|---|---|---|---|---|---|"]
     worst: dict[str, float] = {}
     for results in sorted(root.glob("*/results.jsonl")):
-        records = _read_results(results)
+        records = _scan_results(results).records
         closed = gap_closed(records)
+        versus_mse = gap_closed(records, "gptq_mse")
         perplexities: dict[str, dict[str, list[float]]] = {}
         for record in records:
             for corpus, value in record["scores"].items():
@@ -145,7 +148,10 @@ def table(root: Path) -> str:
                 f"| {results.parent.name} | {variant} | {len(scores.get('brown', []))} | "
                 f"{ppl.get('brown', '-')} | {ppl.get('sotu', '-')} | "
                 f"{_spread(brown) if brown else '-'} | {_spread(sotu) if sotu else '-'} | "
-                f"{'-' if variant in ('dense', 'gptq') else f'{100 * low:+.0f}%'} |")
+                f"{'-' if variant in ('dense', 'gptq') else f'{100 * low:+.0f}%'} | "
+                + " | ".join(_spread(versus_mse[(variant, corpus)])
+                             if versus_mse.get((variant, corpus)) and variant != "gptq_mse"
+                             else "-" for corpus in ("brown", "sotu")) + " |")
     lines += ["", "Worst single (seed, corpus, setting) per variant, share of GPTQ's gap "
               "closed: " + ", ".join(f"{v} {100 * w:+.0f}%" for v, w in sorted(worst.items()))]
     return "\n".join(lines)
