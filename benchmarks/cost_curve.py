@@ -75,8 +75,10 @@ def main(argv=None) -> None:
         def median(runs, key):
             return statistics.median(r[key] for r in runs)
 
-        added = [(o["peak_rss_mib"] - o["rss_before_mib"]) / (g["peak_rss_mib"] - g["rss_before_mib"])
-                 for o, g in zip(ours, gptq)]
+        # at tiny sizes GPTQ's oneshot may not raise the peak RSS at all: no ratio then
+        added = [(o["peak_rss_mib"] - o["rss_before_mib"]) / base if base > 0 else float("nan")
+                 for o, g in zip(ours, gptq)
+                 for base in [g["peak_rss_mib"] - g["rss_before_mib"]]]
         print(f"| {width} | {median(gptq, 'wall_s'):.1f} | {median(ours, 'wall_s'):.1f} | "
               f"{', '.join(f'{r:.2f}' for r in ratios)} | {statistics.median(ratios):.2f} | "
               f"{statistics.median(layer):.2f} | {median(gptq, 'peak_rss_mib'):.0f} | "
