@@ -145,3 +145,26 @@ def tiny_model_dir(tmp_path_factory, request):
     make_model(kind).save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return path
+
+
+def track_full_precision_pass(monkeypatch) -> list[bool]:
+    """A one-element flag, True while the dual-stream pipeline runs its full-precision
+    pass (``FullPrecisionStream.capturing``)."""
+    import contextlib
+
+    from rescomp_modifiers.full_precision_stream import FullPrecisionStream
+
+    capturing = [False]
+    original = FullPrecisionStream.capturing
+
+    @contextlib.contextmanager
+    def recording(self):
+        capturing[0] = True
+        try:
+            with original(self):
+                yield
+        finally:
+            capturing[0] = False
+
+    monkeypatch.setattr(FullPrecisionStream, "capturing", recording)
+    return capturing

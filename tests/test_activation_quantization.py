@@ -5,7 +5,6 @@ the full-precision stream nothing is. llm-compressor's activation and KV-cache o
 see the quantized stream only, and GPTAQ's ``D`` carries the activations' error.
 """
 
-import contextlib
 import json
 
 import pytest
@@ -15,9 +14,8 @@ from llmcompressor.modifiers.utils.hooks import HooksMixin
 from transformers import AutoModelForCausalLM
 
 from rescomp_modifiers import CAEModifier, GPTAQModifier
-from rescomp_modifiers.full_precision_stream import FullPrecisionStream
 
-from conftest import calibration_dataset
+from conftest import calibration_dataset, track_full_precision_pass
 from test_modifiers import solver_calls  # noqa: F401
 
 WEIGHTS = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
@@ -41,19 +39,7 @@ def scheme(input_activations=None):
 def passes(monkeypatch):
     """Which pass is running: 'fp' (the FP stream), 'calibrate' (the quantized stream,
     hooks on) or 'propagate' (the quantized stream, hooks off)."""
-    capturing = [False]
-    original = FullPrecisionStream.capturing
-
-    @contextlib.contextmanager
-    def recording(self):
-        capturing[0] = True
-        try:
-            with original(self):
-                yield
-        finally:
-            capturing[0] = False
-
-    monkeypatch.setattr(FullPrecisionStream, "capturing", recording)
+    capturing = track_full_precision_pass(monkeypatch)
     return lambda: ("fp" if capturing[0] else
                     "propagate" if HooksMixin._HOOKS_DISABLED else "calibrate")
 

@@ -6,7 +6,6 @@ R1 and R2 are fused into the weights, so the checkpoint is an ordinary quantized
 the rotation folded in; it reloads in transformers with the same logits.
 """
 
-import contextlib
 import json
 
 import pytest
@@ -16,9 +15,8 @@ from llmcompressor.modifiers.transform import QuIPModifier, SpinQuantModifier
 from transformers import AutoModelForCausalLM
 
 from rescomp_modifiers import CAEModifier, FOEMModifier, GPTAQModifier
-from rescomp_modifiers.full_precision_stream import FullPrecisionStream
 
-from conftest import calibration_dataset
+from conftest import calibration_dataset, track_full_precision_pass
 from test_modifiers import GROUP32, solver_calls, targeted_linear_names  # noqa: F401
 
 IGNORE = ["lm_head"]
@@ -36,19 +34,7 @@ def _rotation(kind: str):
 @pytest.fixture
 def full_precision_outputs(monkeypatch):
     """Outputs of the watched modules recorded in the pipeline's FP pass only."""
-    recorded, capturing = {}, [False]
-    original = FullPrecisionStream.capturing
-
-    @contextlib.contextmanager
-    def recording(self):
-        capturing[0] = True
-        try:
-            with original(self):
-                yield
-        finally:
-            capturing[0] = False
-
-    monkeypatch.setattr(FullPrecisionStream, "capturing", recording)
+    recorded, capturing = {}, track_full_precision_pass(monkeypatch)
 
     def watch(model, names):
         for name in names:
