@@ -152,6 +152,26 @@ def test_resume_with_another_setting_is_refused(previous_run, inputs, change, na
     assert _snapshot(previous_run) == before
 
 
+def test_a_fingerprint_from_before_rotation_and_activation_settings_resumes(
+        previous_run, inputs, monkeypatch):
+    """Fingerprints written before --rotation/--activation-bits/--kv-bits existed were run
+    at their defaults: they resume at the defaults and are refused at any other value."""
+    import llmcompressor
+
+    path = previous_run / "fingerprint.json"
+    fingerprint = json.loads(path.read_text())
+    for key in ("rotation", "rotation_block_size", "activation_bits", "kv_bits"):
+        del fingerprint["settings"][key]
+    path.write_text(json.dumps(fingerprint))
+    before = _snapshot(previous_run)["results.jsonl"]
+    monkeypatch.setattr(llmcompressor, "oneshot", lambda **_: pytest.fail("nothing to rerun"))
+    run_comparison(_config(inputs, previous_run))
+    assert _snapshot(previous_run)["results.jsonl"] == before
+    path.write_text(json.dumps(fingerprint))
+    with pytest.raises(InvalidComparison, match=r"setting --activation-bits: 16 -> 8"):
+        run_comparison(_config(inputs, previous_run, activation_bits=8))
+
+
 def test_resume_after_the_model_changed_is_refused(previous_run, inputs, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(inputs["model"], model)

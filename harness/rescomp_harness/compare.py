@@ -483,6 +483,12 @@ def _documents_digest(documents) -> str:
     return digest.hexdigest()
 
 
+# settings added to CompareConfig after fingerprint format 1, with the value every run
+# before them had (rotation and activation/KV quantization did not exist)
+_SETTINGS_ADDED_LATER = {"rotation": "none", "rotation_block_size": None,
+                         "activation_bits": 16, "kv_bits": 16}
+
+
 def _fingerprint_changes(previous: dict, current: dict) -> list[str]:
     """What differs between two fingerprints, one phrase each; recipes present in only
     one of them are not a change (a new recipe adds runs)."""
@@ -490,7 +496,9 @@ def _fingerprint_changes(previous: dict, current: dict) -> list[str]:
         return [f"fingerprint format {previous.get('format')!r} -> {current['format']!r} "
                 "(written by another version of rescomp)"]
     changes = []
-    old_settings, new_settings = previous.get("settings", {}), current["settings"]
+    # a fingerprint written before a setting existed was run at that setting's default
+    old_settings = {**_SETTINGS_ADDED_LATER, **previous.get("settings", {})}
+    new_settings = current["settings"]
     for key in sorted(set(old_settings) | set(new_settings)):
         if old_settings.get(key) != new_settings.get(key):
             changes.append(f"setting {_flag(key)}: {old_settings.get(key)!r} -> "
