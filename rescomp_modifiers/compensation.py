@@ -895,30 +895,41 @@ def _group_observer(quant_args: QuantizationArgs):
 
 
 @torch.no_grad()
-def layer_output_error(quantized: torch.Tensor, original_weights: torch.Tensor,
-                       hessians: torch.Tensor,
-                       asymmetry: torch.Tensor | None = None) -> torch.Tensor:
-    """Per batch item, ``||W0 X_fp - Q X_q||^2`` up to a constant, from the statistics.
+def excess_output_error(quantized: torch.Tensor, original_weights: torch.Tensor,
+                        hessians: torch.Tensor, asymmetry: torch.Tensor | None = None, *,
+                        original_times_asymmetry: torch.Tensor | None = None) -> torch.Tensor:
+    """Per batch item, how much ``Q`` raises the layer's output error over keeping ``W0``,
+    from the statistics alone.
 
-    Expanding the square with ``X_fp X_q^T = D + H`` (the statistics' normalization)::
+    With ``E = Q - W0`` and ``X_fp = X_q + Delta`` (``H = X_q X_q^T``, ``D = Delta X_q^T``
+    in the statistics' normalization)::
 
-        ||W0 X_fp - Q X_q||^2 = tr(Q H Q^T) - 2 tr(W0 (H + D) Q^T) + tr(W0 H_fp W0^T)
+        ||W0 X_fp - Q X_q||^2 - ||W0 X_fp - W0 X_q||^2 = tr(E H E^T) - 2 tr(W0 D E^T)
 
-    The last term does not depend on ``Q``, so differences between candidates are
-    exact. Without the full-precision stream (``asymmetry`` None, ``D = 0``) this is
-    GPTQ's own objective ``||(W0 - Q) X_q||^2`` up to the same kind of constant.
+    Written in ``E`` rather than ``Q``, no large constant cancels (the error of a good
+    ``Q`` is a small difference of the full ``tr(Q H Q^T)`` terms), ``W0`` scores exactly
+    0, and ``W0 D`` is shared by every candidate: one ``[rows, columns] x [columns,
+    columns]`` product per candidate instead of two. Negative where ``Q`` reproduces the
+    full-precision output better than ``W0`` does (``D`` lets compensation do that).
+    Without the full-precision stream (``asymmetry`` None) it is GPTQ's own objective
+    ``||(Q - W0) X_q||^2``.
 
     :param quantized: ``Q``, ``[batch, rows, columns]``
     :param original_weights: ``W0``, same shape
     :param hessians: ``H`` of the tokens to judge on, ``[batch, columns, columns]``
     :param asymmetry: ``D`` of the same tokens, or None
+    :param original_times_asymmetry: ``W0 D`` in float64 when already computed (one
+        per batch item, shared by all candidates judged on the same tokens)
     :return: ``[batch]`` in float64
     """
-    Q = quantized.to(torch.float64)
     W0 = original_weights.to(torch.float64)
-    H = hessians.to(torch.float64)
-    cross = H if asymmetry is None else H + asymmetry.to(torch.float64)
-    return (torch.bmm(Q, H) * Q).sum((1, 2)) - 2 * (torch.bmm(W0, cross) * Q).sum((1, 2))
+    E = quantized.to(torch.float64) - W0
+    error = (torch.bmm(E, hessians.to(torch.float64)) * E).sum((1, 2))
+    if asymmetry is not None or original_times_asymmetry is not None:
+        if original_times_asymmetry is None:
+            original_times_asymmetry = torch.bmm(W0, asymmetry.to(torch.float64))
+        error = error - 2 * (original_times_asymmetry * E).sum((1, 2))
+    return error
 
 
 @torch.no_grad()

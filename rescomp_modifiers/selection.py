@@ -6,7 +6,7 @@ diverges). A per-module choice makes "better than GPTQ" hold by construction whe
 layer error says so: every candidate (the method itself, GPTQ, the method with other
 coefficients, the least-squares re-solve) is solved on the fitting batches and judged by
 the layer's output error against the full-precision model on batches held out from
-that fit (:func:`~rescomp_modifiers.compensation.layer_output_error`); the winner is then
+that fit (:func:`~rescomp_modifiers.compensation.excess_output_error`); the winner is then
 solved again on all batches. Judging on the fitting tokens themselves would favour the
 candidate that fits them best, which is not the one that generalizes best.
 """
@@ -21,7 +21,7 @@ from rescomp_modifiers.compensation import (
     CompensationResult,
     CompensationTerms,
     compensate_weight,
-    layer_output_error,
+    excess_output_error,
     least_squares_start,
 )
 
@@ -113,17 +113,21 @@ def select_and_solve(candidates: list[Candidate], weights: torch.Tensor, fit: St
         options = dict(solver_options, percdamp=percdamp)
         item_fit, item_judge = fit.item(index), judge.item(index)
         errors, results = {}, {}
+        # W0 D of the judging tokens: the same for every candidate
+        shared = (None if item_judge.asymmetry is None else
+                  torch.bmm(weights[item].to(torch.float64),
+                            item_judge.asymmetry.to(torch.float64)))
         for candidate in candidates:
             result = solve_candidate(candidate, weights[item], item_fit, *qparams, quant_args,
                                      **options)
-            errors[candidate.label] = float(layer_output_error(
-                result.quantized, weights[item], item_judge.hessians, item_judge.asymmetry))
+            errors[candidate.label] = float(excess_output_error(
+                result.quantized, weights[item], item_judge.hessians,
+                original_times_asymmetry=shared))
             results[candidate.label] = result
         winner = min(errors, key=errors.get)  # first of equal errors: dicts keep order
-        unquantized = float(layer_output_error(weights[item], weights[item],
-                                               item_judge.hessians, item_judge.asymmetry))
-        gptq_excess = errors.get(GPTQ_LABEL, float("nan")) - unquantized
-        relative.append((errors[winner] - unquantized) / gptq_excess
+        # the errors are excesses over keeping W0 (which scores 0)
+        gptq_excess = errors.get(GPTQ_LABEL, float("nan"))
+        relative.append(errors[winner] / gptq_excess
                         if GPTQ_LABEL in errors and gptq_excess > 0 else None)
         winners.append(winner)
         if refit is None:

@@ -9,7 +9,7 @@ from compressed_tensors.quantization.utils import calculate_qparams
 from rescomp_modifiers import CAEModifier, FOEMModifier, GPTAQModifier
 from rescomp_modifiers.compensation import (
     CompensationTerms,
-    layer_output_error,
+    excess_output_error,
     least_squares_start,
 )
 from rescomp_modifiers.selection import (
@@ -55,25 +55,31 @@ def qparams(w0):
     return scale[None], zero_point[None]
 
 
-def test_layer_output_error_equals_the_error_computed_from_activations():
+def test_excess_output_error_equals_the_error_computed_from_activations():
     w0, x_q, x_fp = activations()
     stats = statistics_of(x_q, x_fp)
     tokens = x_q.shape[1]
     generator = torch.Generator().manual_seed(1)
     candidates = [w0 + 0.1 * torch.randn(w0.shape, generator=generator, dtype=torch.float64)
                   for _ in range(3)]
-    from_statistics = [float(layer_output_error(q[None], w0[None], stats.hessians,
-                                                stats.asymmetry)) for q in candidates]
-    from_activations = [2 / tokens * float((w0 @ x_fp - q @ x_q).square().sum())
-                        for q in candidates]
-    # equal up to one constant shared by every candidate
-    differences = [a - b for a, b in zip(from_statistics, from_activations)]
-    assert max(differences) - min(differences) < 1e-3 * max(map(abs, from_activations))
+
+    def from_activations(q):
+        return 2 / tokens * float((w0 @ x_fp - q @ x_q).square().sum())
+
+    # the increase over keeping W0, computed directly from the activations
+    truth = [from_activations(q) - from_activations(w0) for q in candidates]
+    from_statistics = [float(excess_output_error(q[None], w0[None], stats.hessians,
+                                                 stats.asymmetry)) for q in candidates]
+    assert from_statistics == pytest.approx(truth, rel=1e-5)
+    shared = torch.bmm(w0[None], stats.asymmetry.double())
+    assert [float(excess_output_error(q[None], w0[None], stats.hessians,
+                                      original_times_asymmetry=shared))
+            for q in candidates] == pytest.approx(truth, rel=1e-5)
+    assert float(excess_output_error(w0[None], w0[None], stats.hessians, stats.asymmetry)) == 0
     # and without D, GPTQ's own objective ||(W0 - Q) X_q||^2
-    plain = [float(layer_output_error(q[None], w0[None], stats.hessians)) for q in candidates]
-    truth = [2 / tokens * float(((w0 - q) @ x_q).square().sum()) for q in candidates]
-    offsets = [a - b for a, b in zip(plain, truth)]
-    assert max(offsets) - min(offsets) < 1e-3 * max(map(abs, truth))
+    plain = [float(excess_output_error(q[None], w0[None], stats.hessians)) for q in candidates]
+    assert plain == pytest.approx([2 / tokens * float(((w0 - q) @ x_q).square().sum())
+                                   for q in candidates], rel=1e-5)
 
 
 def test_least_squares_start_equals_a_brute_force_ridge_solve():
