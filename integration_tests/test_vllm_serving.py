@@ -164,8 +164,13 @@ def test_dense_greedy_answers(served):
 
 @pytest.mark.parametrize("name", ["dense", "gptq", "cae", "rtn_asym"])
 def test_cloze_ranks_the_right_capital_first(served, name):
-    scores = served["models"][name]["choices"]
-    for (prompt, candidates), row in zip(CLOZE, scores):
+    assert_capitals_ranked_first(name, served["models"][name]["choices"])
+
+
+def assert_capitals_ranked_first(name: str, scores: list[list[float]]) -> None:
+    """Each CLOZE prompt's log-probabilities (``scores``, one row per prompt) rank the
+    country's capital above the other capitals."""
+    for (prompt, candidates), row in zip(CLOZE, scores, strict=True):
         answer = CAPITALS[prompt.removeprefix("The capital of ").removesuffix(" is")]
         ranked = sorted(zip(row, candidates), reverse=True)
         print(f"{name}: {prompt!r} -> " + ", ".join(f"{c.strip()} {s:.2f}" for s, c in ranked))

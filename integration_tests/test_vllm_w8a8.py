@@ -22,7 +22,7 @@ from rescomp_harness.assets import brown_documents, default_model_path
 from rescomp_harness.data import calibration_dataset, split_documents
 from rescomp_harness.serving import checkpoint_servable, ensure_vllm_env, serve_and_measure
 
-from test_vllm_serving import CAPITALS, CLOZE, SANITY
+from test_vllm_serving import CLOZE, SANITY, assert_capitals_ranked_first
 
 pytestmark = pytest.mark.integration
 
@@ -99,10 +99,7 @@ def test_served_with_cpu_kernels(served):
 
 @pytest.mark.parametrize("name", ["w4a16_rot", "w8a8"])
 def test_cloze_ranks_the_right_capital_first(served, name):
-    for (prompt, candidates), row in zip(CLOZE, served["models"][name]["choices"]):
-        answer = CAPITALS[prompt.removeprefix("The capital of ").removesuffix(" is")]
-        ranked = sorted(zip(row, candidates), reverse=True)
-        assert ranked[0][1] == f" {answer}", f"{name}: {prompt!r} ranked {ranked}"
+    assert_capitals_ranked_first(name, served["models"][name]["choices"])
 
 
 def test_perplexity_close_to_dense(served):
