@@ -925,11 +925,17 @@ def excess_output_error(quantized: torch.Tensor, original_weights: torch.Tensor,
     W0 = original_weights.to(torch.float64)
     E = quantized.to(torch.float64) - W0
     error = (torch.bmm(E, hessians.to(torch.float64)) * E).sum((1, 2))
-    if asymmetry is not None or original_times_asymmetry is not None:
-        if original_times_asymmetry is None:
-            original_times_asymmetry = torch.bmm(W0, asymmetry.to(torch.float64))
+    if original_times_asymmetry is None and asymmetry is not None:
+        original_times_asymmetry = weights_times_asymmetry(W0, asymmetry)
+    if original_times_asymmetry is not None:
         error = error - 2 * (original_times_asymmetry * E).sum((1, 2))
     return error
+
+
+def weights_times_asymmetry(original_weights: torch.Tensor,
+                            asymmetry: torch.Tensor) -> torch.Tensor:
+    """``W0 D`` in float64, the candidate-independent part of :func:`excess_output_error`."""
+    return torch.bmm(original_weights.to(torch.float64), asymmetry.to(torch.float64))
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from rescomp_modifiers.compensation import (
     compensate_weight,
     excess_output_error,
     least_squares_start,
+    weights_times_asymmetry,
 )
 
 __all__ = ["Candidate", "Statistics", "Selection", "solve_candidate", "select_and_solve"]
@@ -115,8 +116,7 @@ def select_and_solve(candidates: list[Candidate], weights: torch.Tensor, fit: St
         errors, results = {}, {}
         # W0 D of the judging tokens: the same for every candidate
         shared = (None if item_judge.asymmetry is None else
-                  torch.bmm(weights[item].to(torch.float64),
-                            item_judge.asymmetry.to(torch.float64)))
+                  weights_times_asymmetry(weights[item], item_judge.asymmetry))
         for candidate in candidates:
             result = solve_candidate(candidate, weights[item], item_fit, *qparams, quant_args,
                                      **options)
