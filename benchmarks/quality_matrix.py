@@ -38,6 +38,11 @@ VARIANTS = {
                                            "coefficient_candidates": [0.125, 0.5]}),
     "recommended_lsq": ("CAEModifier", {"guard": "gptq", "observer": "memoryless_mse",
                                         "least_squares_candidate": True}),
+    # the recommended default with the candidates judged on every 4th / 8th row only
+    "recommended_rows4": ("CAEModifier", {"guard": "gptq", "observer": "memoryless_mse",
+                                          "candidate_row_stride": 4}),
+    "recommended_rows8": ("CAEModifier", {"guard": "gptq", "observer": "memoryless_mse",
+                                          "candidate_row_stride": 8}),
     "foem_mse": ("FOEMModifier", {"observer": "memoryless_mse"}),
     "gptaq_cae_search": ("CAEModifier", {"guard": "gptq",
                                          "coefficient_candidates": [0.125, 0.5]}),

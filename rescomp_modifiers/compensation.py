@@ -410,6 +410,7 @@ def compensate_weight(
     terms: CompensationTerms = CompensationTerms(),
     blocksize: int = 128,
     percdamp: float = 0.01,
+    rows_with_terms: torch.Tensor | None = None,
 ) -> CompensationResult:
     """Quantize a batch of weights with any combination of the compensation terms.
 
@@ -421,6 +422,9 @@ def compensate_weight(
     :param original_weights: ``W0`` when the weights handed in are not the originals;
         defaults to ``weights`` (the usual case: nothing has touched them yet)
     :param terms: which terms to apply, see :class:`CompensationTerms`
+    :param rows_with_terms: ``[rows]`` bool; rows where False are solved as plain GPTQ
+        in the same loop (every coefficient 0 there): a method and GPTQ side by side
+        for the price of one loop, as the guard's contest needs (None: every row)
 
     The solver logs nothing: an item whose Hessian factorization failed is quantized
     with round-to-nearest and flagged in :attr:`CompensationResult.used_rtn_fallback`,
@@ -437,7 +441,12 @@ def compensate_weight(
     device = weights.device
     W = weights.to(dtype=GPTQ_PRECISION).clone()
     H = hessians.to(device=device, dtype=GPTQ_PRECISION).clone()
-    plan = LoopPlan.build(terms, has_asymmetry=asymmetry is not None)
+    if rows_with_terms is not None and rows_with_terms.shape != (num_rows,):
+        raise ValueError(f"rows_with_terms must be a [{num_rows}] mask, got "
+                         f"{tuple(rows_with_terms.shape)}")
+    plan = LoopPlan.build(terms, has_asymmetry=asymmetry is not None,
+                          rows_with_terms=None if rows_with_terms is None
+                          else rows_with_terms.to(device))
     D = asymmetry.to(device=device, dtype=GPTQ_PRECISION) if plan.uses_asymmetry else None
     W0 = (
         original_weights.to(device=device, dtype=GPTQ_PRECISION)
@@ -564,6 +573,11 @@ class LoopPlan:
         e  = ((1 - c) w + c w0 - q) / U[c,c]        c = b + f     (modified error)
         -v = (b - a) w - b w0                                      (negative driver)
         W[:, c+1:] -= e U[c, c+1:] + (-v) P[c, c+1:]               P = triu(D U^T, 1) U
+
+    With ``rows_with_terms`` the four coefficients are per-row tensors (``[rows]``,
+    broadcast over the column-major ``[..., rows]`` layout): 0 on the rows solved as
+    plain GPTQ. The flags are the terms' own, so those rows run the same loop with every
+    term multiplied by 0, which is GPTQ's update exactly.
     """
 
     #: GPTAQ's ``a``; 0 without D (its term is ``a w P`` and P is built from D)
@@ -574,6 +588,8 @@ class LoopPlan:
     first_order: float
     #: ``c = b + f``: the share of ``w0 - w`` that the modified error carries
     error_coefficient: float
+    #: ``c != 0``: the error carries ``c w0`` (a CAE or FOEM term)
+    error_has_original: bool
     #: D enters the solve (a GPTAQ or CAE term with D given); otherwise ``P = 0``
     uses_asymmetry: bool
     #: the driver ``v`` and P's rows are formed in the loop: ``a != b`` leaves a ``w``
@@ -599,19 +615,24 @@ class LoopPlan:
     plain_gptq: bool
 
     @classmethod
-    def build(cls, terms: CompensationTerms, has_asymmetry: bool) -> "LoopPlan":
-        """The plan for ``terms``; ``has_asymmetry``: D was handed to the solver."""
+    def build(cls, terms: CompensationTerms, has_asymmetry: bool,
+              rows_with_terms: torch.Tensor | None = None) -> "LoopPlan":
+        """The plan for ``terms``; ``has_asymmetry``: D was handed to the solver;
+        ``rows_with_terms``: a ``[rows]`` bool mask, the other rows are plain GPTQ."""
         b = terms.compensation_aware_coefficient
         f = terms.first_order_coefficient
         a = terms.asymmetric_coefficient if has_asymmetry else 0.0
         uses_asymmetry = has_asymmetry and (a != 0.0 or b != 0.0)
         static = terms.group_scales == GroupScales.STATIC
         driver_in_loop = uses_asymmetry and (a != b or not static)
+        per_row = (lambda value: value) if rows_with_terms is None else (
+            lambda value: value * rows_with_terms.to(GPTQ_PRECISION))
         return cls(
-            asymmetric=a,
-            compensation_aware=b,
-            first_order=f,
-            error_coefficient=b + f,
+            asymmetric=per_row(a),
+            compensation_aware=per_row(b),
+            first_order=per_row(f),
+            error_coefficient=per_row(b + f),
+            error_has_original=b + f != 0.0,
             uses_asymmetry=uses_asymmetry,
             driver_in_loop=driver_in_loop,
             w0_error_shift=uses_asymmetry and b != 0.0 and static,
@@ -620,7 +641,7 @@ class LoopPlan:
             lazy_differs=terms.lazy_update != LazyUpdate.LATENT and (uses_asymmetry or b != 0.0),
             static_scales=static,
             next_column_pull=terms.first_order_next_column_pull,
-            plain_gptq=terms.is_plain_gptq(has_asymmetry),
+            plain_gptq=terms.is_plain_gptq(has_asymmetry) and rows_with_terms is None,
         )
 
 
@@ -667,13 +688,13 @@ class _Block:
         # e = ((1 - c) w + error_offset - q) / U_cc, error_offset = c w0 - b V[:, c] U_cc
         cae = plan.compensation_aware
         c = plan.error_coefficient
-        self.error_offset = c * self.W0_1 if c != 0.0 else None
+        self.error_offset = c * self.W0_1 if plan.error_has_original else None
         if plan.w0_error_shift:
             # b W0 P = b V U: V's diagonal term now, the rest through the shifted error
             drive1 = original_weight_drive(D, Hinv, W0, i1, i2).mul_(diagonal1)
-            W1.add_(drive1, alpha=cae)
+            _add_scaled(W1, drive1, cae)
             self.error_offset = drive1.mul_(-cae) if self.error_offset is None else (
-                self.error_offset.sub_(drive1, alpha=cae))
+                _add_scaled(self.error_offset, drive1, -cae))
         if plan.driver_in_loop:
             self.P1 = self.P_rows[:, :, :self.count]
             self.Drive1 = torch.empty_like(W1)  # -v of each column
@@ -702,8 +723,11 @@ class _Block:
         self.Q1[:, i] = q
         error = self.Err1[:, i]
         if self.error_offset is not None:
-            torch.add(self.error_offset[:, i] - q, w, alpha=1.0 - plan.error_coefficient,
-                      out=error)
+            keep = 1.0 - plan.error_coefficient  # (1 - c) w
+            if isinstance(keep, torch.Tensor):
+                torch.add(self.error_offset[:, i] - q, w * keep, out=error)
+            else:
+                torch.add(self.error_offset[:, i] - q, w, alpha=keep, out=error)
         else:
             torch.sub(w, q, out=error)
         error.div_(self.diagonal1[:, i])
@@ -712,7 +736,7 @@ class _Block:
             negative_drive = self.Drive1[:, i]
             torch.mul(w, plan.compensation_aware - plan.asymmetric, out=negative_drive)
             if plan.w0_in_driver:
-                negative_drive.sub_(self.W0_1[:, i], alpha=plan.compensation_aware)
+                _add_scaled(negative_drive, self.W0_1[:, i], -plan.compensation_aware)
         if i + 1 < window_end:
             later = W1[:, i + 1:window_end]
             if plan.driver_in_loop:
@@ -819,6 +843,15 @@ def _finish(W, perm, losses, used_rtn_fallback, scale, zero_point, final_dtype,
         scale=scale,
         zero_point=zero_point,
     )
+
+
+def _add_scaled(target: torch.Tensor, tensor: torch.Tensor,
+                coefficient: float | torch.Tensor) -> torch.Tensor:
+    """``target += coefficient * tensor`` in place, for a scalar or per-row coefficient
+    (a scalar keeps the fused ``alpha`` form, whose rounding the published paths use)."""
+    if isinstance(coefficient, torch.Tensor):
+        return target.add_(tensor * coefficient)
+    return target.add_(tensor, alpha=coefficient)
 
 
 def _latent_snapshot(W, i1, i2, i, Hinv, P_rows, lazy_error, lazy_drive):

@@ -134,6 +134,12 @@ class CompensationModifier(GPTQModifier):
     #: winner is then solved again on all batches. 0 judges on the fitting tokens
     #: themselves (no refit; cheaper, but the choice can overfit).
     holdout_every: int = 4
+    #: With a guard or candidates: the candidates are solved and judged on every
+    #: ``candidate_row_stride``-th row of a module only, and the winner alone is solved
+    #: on all rows. Each row's solve depends only on that row, H and D, so this samples
+    #: the rows of the very same contest (the judge's cost falls by the stride); 1
+    #: (default) judges on every row. The recommended default uses 4.
+    candidate_row_stride: int = 1
 
     @field_validator("block_size")
     @classmethod
@@ -142,6 +148,14 @@ class CompensationModifier(GPTQModifier):
             raise ValueError(
                 f"block_size must be a positive number of columns (e.g. 128), got {value}"
             )
+        return value
+
+    @field_validator("candidate_row_stride")
+    @classmethod
+    def _validate_candidate_row_stride(cls, value):
+        if value < 1:
+            raise ValueError(f"candidate_row_stride must be >= 1 (1: judge on every row), "
+                             f"got {value}")
         return value
 
     @field_validator("holdout_every")
@@ -384,7 +398,8 @@ class CompensationModifier(GPTQModifier):
             if self.selects_candidates:
                 selection = select_and_solve(
                     self._candidates(terms), weights, fit, judge, refit, scales, zero_points,
-                    global_scales, quant_args, **solver_options,
+                    global_scales, quant_args, row_stride=self.candidate_row_stride,
+                    **solver_options,
                 )
                 result = selection.result
                 self._record_selection(names, selection)

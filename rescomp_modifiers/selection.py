@@ -9,6 +9,15 @@ the layer's output error against the full-precision model on batches held out fr
 that fit (:func:`~rescomp_modifiers.compensation.excess_output_error`); the winner is then
 solved again on all batches. Judging on the fitting tokens themselves would favour the
 candidate that fits them best, which is not the one that generalizes best.
+
+The contest can run on a sample of the rows (every ``row_stride``-th): the column loop
+updates each row from that row, H and D alone, so a candidate's solve of the sampled rows
+is exactly those rows of its full solve, and the judge's error is a sum over rows. The
+sample estimates which candidate has the smaller error; only the winner is solved on
+every row. For the same reason GPTQ's candidate needs no loop of its own: its rows are
+stacked under the method's and solved in the method's loop with every coefficient 0
+there (``rows_with_terms``), which is GPTQ's update exactly. The column loop's cost is
+mostly per column, not per row, so the pair costs about one solve.
 """
 
 from __future__ import annotations
@@ -85,6 +94,65 @@ def solve_candidate(candidate: Candidate, weights: torch.Tensor, statistics: Sta
     )
 
 
+def _per_row(tensor: torch.Tensor | None, rows: int) -> bool:
+    """A ``[1, rows, ...]`` tensor (weights, row losses, per-row scales), not a
+    tensor-wide scale."""
+    return tensor is not None and tensor.dim() > 1 and tensor.shape[1] == rows
+
+
+def _sample_rows(tensor: torch.Tensor | None, rows: int, stride: int) -> torch.Tensor | None:
+    """Every ``stride``-th row of a per-row tensor; anything else is left whole."""
+    return tensor[:, ::stride] if _per_row(tensor, rows) else tensor
+
+
+def _stack_twice(tensor: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    return torch.cat((tensor, tensor), dim=1) if _per_row(tensor, rows) else tensor
+
+
+def _split_rows(result: CompensationResult, rows: int) -> tuple[CompensationResult, ...]:
+    """The two halves of a solve of rows stacked twice (:func:`_stack_twice`)."""
+    halves = ({}, {})
+    for name in ("quantized", "row_losses", "scale", "zero_point"):
+        tensor = getattr(result, name)
+        parts = tensor.split(rows, dim=1) if _per_row(tensor, 2 * rows) else (tensor, tensor)
+        for half, part in zip(halves, parts):
+            half[name] = part
+    return tuple(CompensationResult(losses=half["row_losses"].sum(dim=1),
+                                    used_rtn_fallback=result.used_rtn_fallback, **half)
+                 for half in halves)
+
+
+def _is_gptq(candidate: Candidate) -> bool:
+    return (candidate.label == GPTQ_LABEL and not candidate.least_squares_start
+            and candidate.terms.is_plain_gptq(has_asymmetry=True))
+
+
+def _solve_contest(candidates: list[Candidate], weights: torch.Tensor, statistics: Statistics,
+                   qparams: tuple, quant_args, **options) -> dict[str, CompensationResult]:
+    """Every candidate's solve of one item; GPTQ's rows ride in the first W0-started
+    candidate's loop (module docstring)."""
+    gptq = next((c for c in candidates if _is_gptq(c)), None)
+    partner = next((c for c in candidates if c is not gptq and not c.least_squares_start
+                    and c.terms.group_scales == gptq.terms.group_scales), None
+                   ) if gptq is not None else None
+    results = {}
+    for candidate in candidates:
+        if candidate is gptq and partner is not None:
+            continue
+        if candidate is not partner:
+            results[candidate.label] = solve_candidate(candidate, weights, statistics,
+                                                       *qparams, quant_args, **options)
+            continue
+        rows = weights.shape[1]
+        method_rows = torch.zeros(2 * rows, dtype=torch.bool, device=weights.device)
+        method_rows[:rows] = True
+        both = solve_candidate(candidate, _stack_twice(weights, rows), statistics,
+                               *(_stack_twice(tensor, rows) for tensor in qparams),
+                               quant_args, rows_with_terms=method_rows, **options)
+        results[candidate.label], results[gptq.label] = _split_rows(both, rows)
+    return {candidate.label: results[candidate.label] for candidate in candidates}
+
+
 def _concatenate(results: list[CompensationResult]) -> CompensationResult:
     return CompensationResult(
         **{name: torch.cat([getattr(r, name) for r in results])
@@ -96,16 +164,22 @@ def _concatenate(results: list[CompensationResult]) -> CompensationResult:
 def select_and_solve(candidates: list[Candidate], weights: torch.Tensor, fit: Statistics,
                      judge: Statistics, refit: Statistics | None, scale: torch.Tensor,
                      zero_point: torch.Tensor, global_scale: torch.Tensor | None, quant_args,
-                     *, percdamp: float, **solver_options) -> Selection:
+                     *, percdamp: float, row_stride: int = 1, **solver_options) -> Selection:
     """Per batch item: solve every candidate on ``fit``, keep the one with the smallest
     layer output error on ``judge``, and solve it again on ``refit`` (None: keep the
     solve on ``fit``, e.g. when ``judge`` is ``fit`` itself).
+
+    :param row_stride: solve and judge the candidates on every ``row_stride``-th row
+        only (1: all rows); the winner is then always solved again on all rows, on
+        ``refit`` (or ``fit`` when ``refit`` is None)
 
     Ties go to the earlier candidate (list the method first, so the guard only replaces
     it where GPTQ is strictly better).
     """
     if not candidates:
         raise ValueError("select_and_solve needs at least one candidate")
+    if row_stride < 1:
+        raise ValueError(f"row_stride must be >= 1, got {row_stride}")
     chosen, winners, relative = [], [], []
     for index in range(weights.shape[0]):
         item = slice(index, index + 1)
@@ -113,27 +187,29 @@ def select_and_solve(candidates: list[Candidate], weights: torch.Tensor, fit: St
                    None if global_scale is None else global_scale[item])
         options = dict(solver_options, percdamp=percdamp)
         item_fit, item_judge = fit.item(index), judge.item(index)
-        errors, results = {}, {}
+        rows = weights.shape[1]
+        contest_weights = _sample_rows(weights[item], rows, row_stride)
+        contest_qparams = tuple(_sample_rows(tensor, rows, row_stride) for tensor in qparams)
+        results = _solve_contest(candidates, contest_weights, item_fit, contest_qparams,
+                                 quant_args, **options)
         # W0 D of the judging tokens: the same for every candidate
         shared = (None if item_judge.asymmetry is None else
-                  weights_times_asymmetry(weights[item], item_judge.asymmetry))
-        for candidate in candidates:
-            result = solve_candidate(candidate, weights[item], item_fit, *qparams, quant_args,
-                                     **options)
-            errors[candidate.label] = float(excess_output_error(
-                result.quantized, weights[item], item_judge.hessians,
-                original_times_asymmetry=shared))
-            results[candidate.label] = result
+                  weights_times_asymmetry(contest_weights, item_judge.asymmetry))
+        errors = {label: float(excess_output_error(result.quantized, contest_weights,
+                                                   item_judge.hessians,
+                                                   original_times_asymmetry=shared))
+                  for label, result in results.items()}
         winner = min(errors, key=errors.get)  # first of equal errors: dicts keep order
         # the errors are excesses over keeping W0 (which scores 0)
         gptq_excess = errors.get(GPTQ_LABEL, float("nan"))
         relative.append(errors[winner] / gptq_excess
                         if GPTQ_LABEL in errors and gptq_excess > 0 else None)
         winners.append(winner)
-        if refit is None:
+        if refit is None and row_stride == 1:
             chosen.append(results[winner])
         else:
             candidate = next(c for c in candidates if c.label == winner)
-            chosen.append(solve_candidate(candidate, weights[item], refit.item(index),
+            final = fit if refit is None else refit
+            chosen.append(solve_candidate(candidate, weights[item], final.item(index),
                                           *qparams, quant_args, **options))
     return Selection(_concatenate(chosen), winners, relative)

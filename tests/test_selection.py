@@ -1,6 +1,8 @@
 """Per-module candidate selection (guard, coefficient search, least-squares re-solve),
 each piece against an independent oracle computed from explicit activations."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from compressed_tensors.quantization import QuantizationArgs
@@ -9,6 +11,8 @@ from compressed_tensors.quantization.utils import calculate_qparams
 from rescomp_modifiers import CAEModifier, FOEMModifier, GPTAQModifier
 from rescomp_modifiers.compensation import (
     CompensationTerms,
+    GroupScales,
+    compensate_weight,
     excess_output_error,
     least_squares_start,
 )
@@ -156,11 +160,134 @@ def test_selection_needs_both_outcomes():
     assert winners == ["GPTAQ", GPTQ_LABEL]
 
 
-@pytest.mark.parametrize("holdout_every", [0, 4])
-def test_guarded_oneshot_records_a_choice_per_solved_unit(tiny_model_dir, holdout_every):
+ROW_TERMS = {
+    "GPTQ": CompensationTerms(),
+    "GPTAQ": CompensationTerms(asymmetric_coefficient=0.25),
+    "CAE": CompensationTerms(asymmetric_coefficient=0.25, compensation_aware_coefficient=0.25),
+    "FOEM": CompensationTerms(first_order_coefficient=0.2),
+}
+
+
+@pytest.mark.parametrize("label", sorted(ROW_TERMS))
+def test_solving_every_kth_row_gives_those_rows_of_the_full_solve(label):
+    """What row-sampled contests rest on: each row's solve depends only on that row,
+    H and D, so solving the sampled rows alone reproduces them exactly."""
+    w0, x_q, x_fp = activations(rows=24, drift=0.3, seed=5)
+    stats = statistics_of(x_q, x_fp)
+    scale, zero_point = qparams(w0)
+    candidate = Candidate(label, ROW_TERMS[label])
+    options = dict(percdamp=0.01, blocksize=8)
+    full = solve_candidate(candidate, w0[None].float(), stats, scale, zero_point, None, ARGS,
+                           **options)
+    sampled = solve_candidate(candidate, w0[None, ::4].float(), stats, scale[:, ::4],
+                              zero_point[:, ::4], None, ARGS, **options)
+    torch.testing.assert_close(sampled.quantized, full.quantized[:, ::4], rtol=0, atol=1e-6)
+
+
+SIDE_BY_SIDE_TERMS = {
+    "gptaq (released)": CompensationTerms.for_method("gptaq", "released", 3),
+    "gptaq_cae (released, 3 bits)": CompensationTerms.for_method("gptaq_cae", "released", 3),
+    "gptaq_cae (released, 2 bits)": CompensationTerms.for_method("gptaq_cae", "released", 2),
+    "gptaq_cae (paper)": CompensationTerms.for_method("gptaq_cae", "paper", 3),
+    "gptq_cae (released)": CompensationTerms.for_method("gptq_cae", "released", 3),
+    "foem (released)": CompensationTerms.for_method("foem", "released", 3),
+    "foem_gptaq (released)": CompensationTerms.for_method("foem_gptaq", "released", 3),
+    "gptaq_cae, a != b": CompensationTerms(asymmetric_coefficient=0.5,
+                                           compensation_aware_coefficient=0.125),
+}
+
+
+@pytest.mark.parametrize("label", sorted(SIDE_BY_SIDE_TERMS))
+def test_method_and_gptq_rows_solved_side_by_side_equal_their_own_solves(label):
+    """One loop over [W; W] with the terms on the first half only gives the method's
+    solve on the first half and upstream GPTQ's on the second (the guard's contest)."""
+    terms = SIDE_BY_SIDE_TERMS[label]
+    w0, x_q, x_fp = activations(rows=12, columns=32, drift=0.3, seed=6)
+    stats = statistics_of(x_q, x_fp)
+    scale, zero_point = qparams(w0)
+    weights = w0[None].float()
+    options = dict(percdamp=0.01, blocksize=16, asymmetry=stats.asymmetry)
+    method = compensate_weight(weights, stats.hessians, scale, zero_point, None, ARGS,
+                               terms=terms, **options)
+    gptq = compensate_weight(weights, stats.hessians, scale, zero_point, None, ARGS,
+                             **options)
+    mask = torch.tensor([True] * 12 + [False] * 12)
+    both = compensate_weight(torch.cat([weights, weights], 1), stats.hessians,
+                             torch.cat([scale, scale], 1), torch.cat([zero_point] * 2, 1),
+                             None, ARGS, terms=terms, rows_with_terms=mask, **options)
+    torch.testing.assert_close(both.quantized[:, :12], method.quantized, rtol=0, atol=1e-5)
+    torch.testing.assert_close(both.quantized[:, 12:], gptq.quantized, rtol=0, atol=1e-5)
+    torch.testing.assert_close(both.row_losses[:, 12:], gptq.row_losses, rtol=1e-4, atol=1e-6)
+    # and the method really differs from GPTQ here (else the test proves nothing)
+    assert not torch.allclose(method.quantized, gptq.quantized)
+
+
+def test_dynamic_group_scales_side_by_side_with_gptq_rows():
+    terms = replace(CompensationTerms.for_method("gptaq_cae", "released", 3),
+                    group_scales=GroupScales.DYNAMIC)
+    gptq_terms = CompensationTerms(group_scales=GroupScales.DYNAMIC)
+    w0, x_q, x_fp = activations(rows=12, columns=32, drift=0.3, seed=7)
+    stats = statistics_of(x_q, x_fp)
+    scale, zero_point = qparams(w0)
+    weights = w0[None].float()
+    options = dict(percdamp=0.01, blocksize=16, asymmetry=stats.asymmetry)
+    solo = [compensate_weight(weights, stats.hessians, scale, zero_point, None, ARGS,
+                              terms=t, **options) for t in (terms, gptq_terms)]
+    both = compensate_weight(torch.cat([weights, weights], 1), stats.hessians,
+                             torch.cat([scale, scale], 1), torch.cat([zero_point] * 2, 1),
+                             None, ARGS, terms=terms,
+                             rows_with_terms=torch.arange(24) < 12, **options)
+    for half, alone in zip(both.quantized.split(12, 1), solo):
+        torch.testing.assert_close(half, alone.quantized, rtol=0, atol=1e-5)
+    for half, alone in zip(both.scale.split(12, 1), solo):
+        torch.testing.assert_close(half, alone.scale)
+
+
+def test_rows_with_terms_must_match_the_rows():
+    w0, x_q, x_fp = activations()
+    stats = statistics_of(x_q, x_fp)
+    scale, zero_point = qparams(w0)
+    with pytest.raises(ValueError, match="rows_with_terms"):
+        compensate_weight(w0[None].float(), stats.hessians, scale, zero_point, None, ARGS,
+                          terms=SIDE_BY_SIDE_TERMS["gptaq (released)"],
+                          asymmetry=stats.asymmetry, rows_with_terms=torch.ones(5).bool())
+
+
+@pytest.mark.parametrize("judge_drift_sign", [1.0, -1.0])
+def test_row_sampled_selection_judges_the_sampled_rows_and_solves_the_winner_on_all(
+        judge_drift_sign):
+    """With row_stride 3 the winner is the brute-force argmin of the held-out error of
+    rows 0, 3, 6, ... alone, and the result is the winner's full solve on the refit
+    statistics (every row, not only the sampled ones)."""
+    w0, x_q, x_fp = activations(rows=24, drift=0.3, seed=3)
+    _, x_q_judge, x_fp_judge = activations(rows=24, drift=0.3, seed=4, sign=judge_drift_sign)
+    fit, judge = statistics_of(x_q, x_fp), statistics_of(x_q_judge, x_fp_judge)
+    refit = statistics_of(torch.cat([x_q, x_q_judge], 1), torch.cat([x_fp, x_fp_judge], 1))
+    weights = w0[None].float()
+    scale, zero_point = qparams(w0)
+    candidates = [Candidate("GPTAQ", CompensationTerms(asymmetric_coefficient=1.0)),
+                  Candidate(GPTQ_LABEL, CompensationTerms())]
+    options = dict(percdamp=0.01, blocksize=8)
+    solved = {c.label: solve_candidate(c, weights, fit, scale, zero_point, None, ARGS,
+                                       **options).quantized[0, ::3] for c in candidates}
+    expected = _brute_force_winner(solved, w0[::3], x_q_judge, x_fp_judge)
+    for refit_statistics, final in ((refit, refit), (None, fit)):
+        selection = select_and_solve(candidates, weights, fit, judge, refit_statistics, scale,
+                                     zero_point, None, ARGS, row_stride=3, **options)
+        assert selection.winners == [expected]
+        winner = next(c for c in candidates if c.label == expected)
+        again = solve_candidate(winner, weights, final, scale, zero_point, None, ARGS,
+                                **options)
+        assert selection.result.quantized.shape == weights.shape
+        assert torch.equal(selection.result.quantized, again.quantized)
+
+
+@pytest.mark.parametrize("holdout_every, row_stride", [(0, 1), (4, 1), (4, 3)])
+def test_guarded_oneshot_records_a_choice_per_solved_unit(tiny_model_dir, holdout_every,
+                                                          row_stride):
     modifier = CAEModifier(ignore=IGNORE, config_groups=GROUP32, guard="gptq",
                            coefficient_candidates=[0.5], least_squares_candidate=True,
-                           holdout_every=holdout_every)
+                           holdout_every=holdout_every, candidate_row_stride=row_stride)
     model = run_oneshot(tiny_model_dir, [modifier])
     summary = modifier.selection_summary()
     layers = len(model.model.layers)
@@ -196,6 +323,7 @@ def test_holdout_batches_are_kept_out_of_the_fit(tiny_model_dir, monkeypatch):
 
 @pytest.mark.parametrize("field, value", [
     ("block_size", -8), ("block_size", 0), ("holdout_every", 1),
+    ("candidate_row_stride", 0),
 ])
 def test_invalid_solver_settings_fail_when_the_recipe_is_parsed(field, value):
     from llmcompressor.recipe import Recipe
