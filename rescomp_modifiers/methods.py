@@ -39,8 +39,10 @@ class Method:
         return self.solver_method or self.name
 
 
-#: the recommended default's modifier settings (its observer is on the Method)
-RECOMMENDED_SETTINGS = {"statistics": "gptaq", "guard": "gptq"}
+#: the recommended default's modifier settings (its observer is on the Method); the
+#: contest on every 4th row closed the same share of GPTQ's gap as on every row (W3 and
+#: W4, both calibration corpora, 3 seeds each) at a fraction of the guard's cost
+RECOMMENDED_SETTINGS = {"statistics": "gptaq", "guard": "gptq", "candidate_row_stride": 4}
 
 METHODS: dict[str, Method] = {
     method.name: method
