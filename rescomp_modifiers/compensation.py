@@ -625,8 +625,8 @@ class LoopPlan:
         uses_asymmetry = has_asymmetry and (a != 0.0 or b != 0.0)
         static = terms.group_scales == GroupScales.STATIC
         driver_in_loop = uses_asymmetry and (a != b or not static)
-        per_row = (lambda value: value) if rows_with_terms is None else (
-            lambda value: value * rows_with_terms.to(GPTQ_PRECISION))
+        mask = None if rows_with_terms is None else rows_with_terms.to(GPTQ_PRECISION)
+        per_row = (lambda value: value) if mask is None else (lambda value: value * mask)
         return cls(
             asymmetric=per_row(a),
             compensation_aware=per_row(b),
@@ -723,11 +723,8 @@ class _Block:
         self.Q1[:, i] = q
         error = self.Err1[:, i]
         if self.error_offset is not None:
-            keep = 1.0 - plan.error_coefficient  # (1 - c) w
-            if isinstance(keep, torch.Tensor):
-                torch.add(self.error_offset[:, i] - q, w * keep, out=error)
-            else:
-                torch.add(self.error_offset[:, i] - q, w, alpha=keep, out=error)
+            torch.sub(self.error_offset[:, i], q, out=error)
+            _add_scaled(error, w, 1.0 - plan.error_coefficient)  # + (1 - c) w
         else:
             torch.sub(w, q, out=error)
         error.div_(self.diagonal1[:, i])

@@ -131,25 +131,22 @@ def _solve_contest(candidates: list[Candidate], weights: torch.Tensor, statistic
                    qparams: tuple, quant_args, **options) -> dict[str, CompensationResult]:
     """Every candidate's solve of one item; GPTQ's rows ride in the first W0-started
     candidate's loop (module docstring)."""
-    gptq = next((c for c in candidates if _is_gptq(c)), None)
-    partner = next((c for c in candidates if c is not gptq and not c.least_squares_start
-                    and c.terms.group_scales == gptq.terms.group_scales), None
-                   ) if gptq is not None else None
     results = {}
-    for candidate in candidates:
-        if candidate is gptq and partner is not None:
-            continue
-        if candidate is not partner:
-            results[candidate.label] = solve_candidate(candidate, weights, statistics,
-                                                       *qparams, quant_args, **options)
-            continue
+    gptq = next((c for c in candidates if _is_gptq(c)), None)
+    partner = gptq and next((c for c in candidates if c is not gptq
+                             and not c.least_squares_start
+                             and c.terms.group_scales == gptq.terms.group_scales), None)
+    if partner:
         rows = weights.shape[1]
-        method_rows = torch.zeros(2 * rows, dtype=torch.bool, device=weights.device)
-        method_rows[:rows] = True
-        both = solve_candidate(candidate, _stack_twice(weights, rows), statistics,
+        method_rows = torch.arange(2 * rows, device=weights.device) < rows
+        both = solve_candidate(partner, _stack_twice(weights, rows), statistics,
                                *(_stack_twice(tensor, rows) for tensor in qparams),
                                quant_args, rows_with_terms=method_rows, **options)
-        results[candidate.label], results[gptq.label] = _split_rows(both, rows)
+        results[partner.label], results[gptq.label] = _split_rows(both, rows)
+    for candidate in candidates:
+        if candidate.label not in results:
+            results[candidate.label] = solve_candidate(candidate, weights, statistics,
+                                                       *qparams, quant_args, **options)
     return {candidate.label: results[candidate.label] for candidate in candidates}
 
 
@@ -181,13 +178,13 @@ def select_and_solve(candidates: list[Candidate], weights: torch.Tensor, fit: St
     if row_stride < 1:
         raise ValueError(f"row_stride must be >= 1, got {row_stride}")
     chosen, winners, relative = [], [], []
+    rows = weights.shape[1]
     for index in range(weights.shape[0]):
         item = slice(index, index + 1)
         qparams = (scale[item], zero_point[item],
                    None if global_scale is None else global_scale[item])
         options = dict(solver_options, percdamp=percdamp)
         item_fit, item_judge = fit.item(index), judge.item(index)
-        rows = weights.shape[1]
         contest_weights = _sample_rows(weights[item], rows, row_stride)
         contest_qparams = tuple(_sample_rows(tensor, rows, row_stride) for tensor in qparams)
         results = _solve_contest(candidates, contest_weights, item_fit, contest_qparams,
