@@ -34,7 +34,7 @@ class FullPrecisionStream:
     def __init__(self):
         self._queues: dict[torch.nn.Module, deque] = {}
         self._handles: dict[torch.nn.Module, torch.utils.hooks.RemovableHandle] = {}
-        self._capturing = False
+        self._capturing: set[torch.nn.Module] | None = None
 
     def watch(self, modules) -> None:
         for module in modules:
@@ -54,16 +54,18 @@ class FullPrecisionStream:
         self.unwatch(list(self._handles))
 
     def _stash(self, module, args):
-        if self._capturing:
+        if self._capturing is not None and module in self._capturing:
             self._queues[module].append(args[0].detach())
 
     @contextlib.contextmanager
-    def capturing(self):
-        self._capturing = True
+    def capturing(self, modules):
+        """Stash the inputs of the watched ``modules`` (a true-sequential stage's, or the
+        whole subgraph's) during the full-precision pass."""
+        self._capturing = set(modules)
         try:
             yield
         finally:
-            self._capturing = False
+            self._capturing = None
 
     def pop(self, module) -> torch.Tensor | None:
         queue = self._queues.get(module)

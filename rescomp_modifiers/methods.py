@@ -73,6 +73,13 @@ METHODS: dict[str, Method] = {
                "clipping, each module kept only where it beats GPTQ on held-out "
                "calibration tokens", weight_observer="memoryless_mse",
                solver_method="gptaq_cae"),
+        # the papers' true-sequential statistics on top (an option, not the default:
+        # README "True-sequential statistics" has its cost and quality)
+        Method("recommended_true_sequential", "recommended, true-sequential statistics",
+               "CAEModifier", {**RECOMMENDED_SETTINGS, "true_sequential": True},
+               "the recommended default with true-sequential statistics (q/k/v, o, "
+               "gate/up, down calibrated in turn)", ships_recipes=False,
+               weight_observer="memoryless_mse", solver_method="gptaq_cae"),
     )
 }
 

@@ -140,6 +140,13 @@ class CompensationModifier(GPTQModifier):
     #: the rows of the very same contest (the judge's cost falls by the stride); 1
     #: (default) judges on every row. The recommended default uses 4.
     candidate_row_stride: int = 1
+    #: True-sequential statistics, as the research code calibrates: within each decoder
+    #: layer, q/k/v are solved first, then o_proj's statistics are gathered with q/k/v
+    #: already quantized, then gate/up, then down_proj
+    #: (:mod:`rescomp_modifiers.true_sequential`). False (default): one calibration
+    #: pass per layer, every module seeing the layer's unquantized earlier modules.
+    #: Runs in the dual-stream pipeline; each extra stage pass stops after its stage.
+    true_sequential: bool = False
 
     @field_validator("block_size")
     @classmethod
@@ -244,6 +251,14 @@ class CompensationModifier(GPTQModifier):
                 f"full-precision stream, which {type(self).__name__} does not use here: "
                 "use GPTAQModifier, CAEModifier(statistics='gptaq') or "
                 "FOEMModifier(use_asymmetric_statistics=True)."
+            )
+        if self.true_sequential and not self.needs_full_precision_stream:
+            raise ValueError(
+                "true_sequential runs in the dual-stream pipeline, which "
+                f"{type(self).__name__} does not use here: use it with GPTAQ statistics "
+                "(GPTAQModifier, CAEModifier(statistics='gptaq'), "
+                "FOEMModifier(use_asymmetric_statistics=True)), or give oneshot "
+                "sequential_targets=['Linear'] for true-sequential GPTQ statistics."
             )
         self._check_finite_weights()
         super().on_calibration_start(state, event, **kwargs)

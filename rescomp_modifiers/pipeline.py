@@ -46,6 +46,14 @@ from tqdm import tqdm
 from rescomp_modifiers.full_precision_stream import FullPrecisionStream
 from rescomp_modifiers.modifiers import CompensationModifier
 from rescomp_modifiers.quantized_stream import QuantizedStreamActivations
+from rescomp_modifiers.true_sequential import (
+    FullPrecisionWeights,
+    Stage,
+    StageComplete,
+    discover_stages,
+    stage_hooks,
+    stop_after,
+)
 
 __all__ = [
     "DualStreamPipeline", "DriftRecord", "last_drift", "install_pipeline_inference",
@@ -107,6 +115,45 @@ def _dual_stream_modifiers(modifiers) -> list[CompensationModifier]:
     ]
 
 
+def _staged(modifiers) -> bool:
+    """Whether the compensation modifiers ask for true-sequential statistics (all or none
+    of them: the stage passes calibrate every modifier's modules alike)."""
+    flags = {m.true_sequential for m in modifiers if isinstance(m, CompensationModifier)}
+    if len(flags) > 1:
+        raise ValueError(
+            "Some compensation modifiers of the recipe set true_sequential and some do "
+            "not; the stage passes calibrate every module alike: set it on all or none."
+        )
+    return flags == {True}
+
+
+def _stages(subgraph, model, activations, targets, submodules, staged) -> list[Stage]:
+    """The subgraph's stages: one full pass, or the true-sequential stages discovered
+    on the first batch."""
+    if not staged:
+        return [Stage(submodules, stop_module=None)]
+    inside = set(submodules)
+    return discover_stages(
+        lambda: _discovery_forward(subgraph, model, activations.fetch(0, subgraph.input_names)),
+        [module for module in targets if module in inside],
+        submodules,
+    )
+
+
+def _discovery_forward(subgraph, model, inputs) -> None:
+    with HooksMixin.disable_hooks():
+        subgraph.forward(model, **inputs)
+
+
+def _forward(subgraph, model, inputs: dict, stage: Stage) -> dict | None:
+    """The subgraph's outputs, or None where the stage's pass stopped early."""
+    with stop_after(stage):
+        try:
+            return subgraph.forward(model, **inputs)
+        except StageComplete:
+            return None
+
+
 def _output_drift(quantized: dict, full_precision: dict) -> tuple[float, int]:
     total, count = 0.0, 0
     for name, value in quantized.items():
@@ -156,6 +203,10 @@ class DualStreamPipeline(CalibrationPipeline):
 
         stream = FullPrecisionStream()
         dual = _dual_stream_modifiers(modifiers)
+        staged = _staged(modifiers)
+        originals = FullPrecisionWeights()
+        targets = [module for m in modifiers if isinstance(m, CompensationModifier)
+                   for module in m._hooked_modules()]
         for modifier in dual:
             modifier.attach_full_precision_stream(stream)
         drift: list[DriftRecord] = []
@@ -187,24 +238,34 @@ class DualStreamPipeline(CalibrationPipeline):
                     last = index == num_subgraphs - 1
                     desc = f"({index + 1}/{num_subgraphs})"
                     with disable_offloading():
-                        for batch_idx in tqdm(range(num_batches), desc=f"{desc}: Calibrating"):
-                            session.state.current_batch_idx = batch_idx
-                            fp_inputs = fp_activations.fetch(batch_idx, subgraph.input_names)
-                            with HooksMixin.disable_hooks(), stream.capturing():
-                                fp_outputs = subgraph.forward(model, **fp_inputs)
-                            del fp_inputs
-                            with quantized_stream.quantizing():
-                                subgraph.forward(
-                                    model, **activations.fetch(batch_idx, subgraph.input_names)
-                                )
-                            stream.assert_consumed()
-                            if not last:
-                                fp_activations.update(batch_idx, fp_outputs)
-                                fp_activations.delete(batch_idx, subgraph.consumed_names)
-                            del fp_outputs
+                        submodules = subgraph.submodules(model)
+                        stages = _stages(subgraph, model, activations, targets, submodules,
+                                         staged)
+                        for stage_index, stage in enumerate(stages):
+                            stage_desc = (desc if len(stages) == 1 else
+                                          f"{desc} stage {stage_index + 1}/{len(stages)}")
+                            for batch_idx in tqdm(range(num_batches),
+                                                  desc=f"{stage_desc}: Calibrating"):
+                                session.state.current_batch_idx = batch_idx
+                                fp_inputs = fp_activations.fetch(batch_idx, subgraph.input_names)
+                                with HooksMixin.disable_hooks(), stream.capturing(
+                                        stage.modules), originals.swapped_in():
+                                    fp_outputs = _forward(subgraph, model, fp_inputs, stage)
+                                del fp_inputs
+                                with quantized_stream.quantizing(), stage_hooks(modifiers, stage):
+                                    _forward(subgraph, model, activations.fetch(
+                                        batch_idx, subgraph.input_names), stage)
+                                stream.assert_consumed()
+                                if stage.is_last and not last:
+                                    fp_activations.update(batch_idx, fp_outputs)
+                                    fp_activations.delete(batch_idx, subgraph.consumed_names)
+                                del fp_outputs
 
-                        LifecycleCallbacks.sequential_epoch_end(subgraph.submodules(model))
-                        quantized_stream.mark_calibrated(subgraph.submodules(model))
+                            if not stage.is_last:
+                                originals.keep(stage.modules)
+                            LifecycleCallbacks.sequential_epoch_end(stage.modules)
+                        originals.clear()
+                        quantized_stream.mark_calibrated(submodules)
                         total, count = 0.0, 0
                         with HooksMixin.disable_hooks(), quantized_stream.quantizing():
                             for batch_idx in tqdm(range(num_batches), desc=f"{desc}: Propagating"):

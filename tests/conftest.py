@@ -158,10 +158,10 @@ def track_full_precision_pass(monkeypatch) -> list[bool]:
     original = FullPrecisionStream.capturing
 
     @contextlib.contextmanager
-    def recording(self):
+    def recording(self, modules):
         capturing[0] = True
         try:
-            with original(self):
+            with original(self, modules):
                 yield
         finally:
             capturing[0] = False

@@ -38,10 +38,12 @@ def scheme(input_activations=None):
 @pytest.fixture
 def passes(monkeypatch):
     """Which pass is running: 'fp' (the FP stream), 'calibrate' (the quantized stream,
-    hooks on) or 'propagate' (the quantized stream, hooks off)."""
+    hooks on, or a true-sequential stage's hooks) or 'propagate' (the quantized stream,
+    hooks off)."""
     capturing = track_full_precision_pass(monkeypatch)
     return lambda: ("fp" if capturing[0] else
-                    "propagate" if HooksMixin._HOOKS_DISABLED else "calibrate")
+                    "propagate" if HooksMixin._HOOKS_DISABLED
+                    and not HooksMixin._HOOKS_KEEP_ENABLED else "calibrate")
 
 
 def record_inputs(model, names, current_pass):
@@ -61,8 +63,9 @@ def run(model, recipe):
             batch_size=BATCH_SIZE, shuffle_calibration_samples=False)
 
 
+@pytest.mark.parametrize("true_sequential", [False, True])
 def test_observers_see_only_the_quantized_stream(tiny_model_dir, passes, monkeypatch,
-                                                  tmp_path):
+                                                  tmp_path, true_sequential):
     import compressed_tensors.modeling.kvcache as kvcache
     import llmcompressor.modifiers.quantization.quantization.mixin as mixin
 
@@ -87,7 +90,7 @@ def test_observers_see_only_the_quantized_stream(tiny_model_dir, passes, monkeyp
     attention = [name for name, _ in model.named_modules() if name.endswith("self_attn")]
     inputs = record_inputs(model, linears, passes)
     modifier = GPTAQModifier(ignore=IGNORE, config_groups=scheme(STATIC_INT8),
-                             kv_cache_scheme=STATIC_INT8)
+                             kv_cache_scheme=STATIC_INT8, true_sequential=true_sequential)
     run(model, [modifier])
 
     num_batches = NUM_SAMPLES // BATCH_SIZE
@@ -96,11 +99,12 @@ def test_observers_see_only_the_quantized_stream(tiny_model_dir, passes, monkeyp
     calls = {}
     for module, base_name, _, _ in observed:
         calls[(names[module], base_name)] = calls.get((names[module], base_name), 0) + 1
-    expected = {(name, "input"): len(inputs[(name, "calibrate")]) for name in linears}
+    # once per batch, also where true-sequential stage passes run a module again
+    expected = {(name, "input"): num_batches for name in linears}
     expected |= {(name, kind): num_batches for name in attention for kind in ("key", "value")}
     assert calls == expected
-    assert all(count == num_batches for count in expected.values())
     # what layer 1's observer saw is the quantized stream's input, not the FP stream's
+    # (its first passes: the layer's single pass, or its q/k/v stage)
     q_proj = "model.layers.1.self_attn.q_proj"
     seen = [tensor for module, base_name, _, tensor in observed
             if names[module] == q_proj and base_name == "input"]
