@@ -146,6 +146,8 @@ class CompensationModifier(GPTQModifier):
     #: (:mod:`rescomp_modifiers.true_sequential`). False (default): one calibration
     #: pass per layer, every module seeing the layer's unquantized earlier modules.
     #: Runs in the dual-stream pipeline; each extra stage pass stops after its stage.
+    #: Measured on SmolLM2-135M (README): a few points more of GPTQ's gap closed, at
+    #: about 1.8x the recommended default's oneshot time on CPU.
     true_sequential: bool = False
 
     @field_validator("block_size")
