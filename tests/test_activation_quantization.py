@@ -203,23 +203,24 @@ W2 = {**WEIGHTS, "num_bits": 2, "symmetric": False}
 
 
 @pytest.mark.parametrize(
-    "weights, activations, kv_cache, rotated",
+    "weights, activations, kv_cache, rotated, true_sequential",
     [
         ({"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
-         TOKEN_INT8, STATIC_INT8, False),                       # W8A8 KV8
-        (WEIGHTS, TOKEN_INT8, None, False),                      # W4A8
-        (WEIGHTS, TOKEN_INT4, HEAD_INT4, True),                  # W4A4 KV4 + rotation
-        (W2, TOKEN_INT4, HEAD_INT4, True),                       # W2A4 KV4 + rotation
+         TOKEN_INT8, STATIC_INT8, False, False),                # W8A8 KV8
+        (WEIGHTS, TOKEN_INT8, None, False, False),               # W4A8
+        (WEIGHTS, TOKEN_INT4, HEAD_INT4, True, False),           # W4A4 KV4 + rotation
+        (W2, TOKEN_INT4, HEAD_INT4, True, False),                # W2A4 KV4 + rotation
+        (WEIGHTS, TOKEN_INT4, HEAD_INT4, True, True),            # the same, true-sequential
     ],
-    ids=["w8a8_kv8", "w4a8", "w4a4_kv4_rot", "w2a4_kv4_rot"],
+    ids=["w8a8_kv8", "w4a8", "w4a4_kv4_rot", "w2a4_kv4_rot", "w4a4_kv4_rot_true_sequential"],
 )
 def test_each_combination_saves_and_reloads(tiny_model_dir, tmp_path, solver_calls, weights,
-                                            activations, kv_cache, rotated):
+                                            activations, kv_cache, rotated, true_sequential):
     from llmcompressor.modifiers.transform import SpinQuantModifier
 
-    recipe = [CAEModifier(ignore=IGNORE, kv_cache_scheme=kv_cache, config_groups={
-        "group_0": {"targets": ["Linear"], "weights": weights,
-                    "input_activations": activations}})]
+    recipe = [CAEModifier(ignore=IGNORE, kv_cache_scheme=kv_cache, true_sequential=true_sequential,
+                          config_groups={"group_0": {"targets": ["Linear"], "weights": weights,
+                                                     "input_activations": activations}})]
     if rotated:
         recipe.insert(0, SpinQuantModifier(rotations=["R1", "R2"], transform_type="hadamard"))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
