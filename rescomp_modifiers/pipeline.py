@@ -14,7 +14,10 @@ untouched model. Per subgraph (a decoder layer by default) and per batch this pi
    (:mod:`rescomp_modifiers.quantized_stream`), never in the FP stream;
 
 then compresses the subgraph and propagates the quantized stream through it, logging
-the drift (mean squared difference between the two streams' subgraph outputs).
+the drift (mean squared difference between the two streams' subgraph outputs). With
+``true_sequential`` steps 1-2 and the compression run once per stage of the subgraph
+(q/k/v, o, gate/up, down), each stage's passes stopping after it
+(:mod:`rescomp_modifiers.true_sequential`).
 
 Cost: one extra forward pass per subgraph compared with upstream's sequential pipeline
 (three instead of two) and a second activation cache of the same size. Like
