@@ -187,7 +187,7 @@ def test_modules_reading_one_input_still_share_statistics(tiny_model_dir, monkey
     from test_modifiers import record_solves
 
     solved = []
-    record_solves(monkeypatch, lambda names, asymmetry: solved.append(" + ".join(names)))
+    record_solves(monkeypatch, lambda names, _hessian, _asymmetry: solved.append(" + ".join(names)))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     run(model, [GPTAQModifier(ignore=IGNORE, config_groups=scheme(TOKEN_INT4))])
     layer = "model.layers.1."

@@ -40,15 +40,16 @@ def run_oneshot(model_dir, recipe, **kwargs):
 
 
 def record_solves(monkeypatch, on_item) -> None:
-    """Call ``on_item(names, asymmetry)`` for each solver batch item as it is handed
-    over: its modules' names (one module, or modules row-stacked on shared statistics)
-    and its D (None: no full-precision stream)."""
+    """Call ``on_item(names, hessian, asymmetry)`` for each solver batch item as it is
+    handed over: its modules' names (one module, or modules row-stacked on shared
+    statistics), its H and its D (None: no full-precision stream)."""
     original = CompensationModifier._pop_statistics
 
     def recording(self, units):
         fit, judge, refit = original(self, units)
         for index, unit in enumerate(units):
             on_item([self._module_names[module] for module in unit],
+                    fit.hessians[index].clone(),
                     None if fit.asymmetry is None else fit.asymmetry[index].clone())
         return fit, judge, refit
 
@@ -59,7 +60,7 @@ def record_solves(monkeypatch, on_item) -> None:
 def solver_calls(monkeypatch):
     """Record what each module handed to the solver: module name -> its D."""
     calls = {}
-    record_solves(monkeypatch, lambda names, asymmetry: calls.update(
+    record_solves(monkeypatch, lambda names, _hessian, asymmetry: calls.update(
         {name: asymmetry for name in names}))
     return calls
 
@@ -115,7 +116,7 @@ def test_modules_sharing_an_input_share_one_statistics_computation_and_solve(
     original = statistics.compute_increments
     monkeypatch.setattr(statistics, "compute_increments",
                         lambda *args: calls.append(args) or original(*args))
-    record_solves(monkeypatch, lambda names, asymmetry: solved.append(" + ".join(names)))
+    record_solves(monkeypatch, lambda names, _hessian, _asymmetry: solved.append(" + ".join(names)))
     model = run_oneshot(tiny_model_dir, [GPTAQModifier(ignore=IGNORE, config_groups=GROUP32)],
                         batch_size=4)  # 8 samples: 2 batches
     layers = len(model.model.layers)

@@ -10,26 +10,15 @@ import pytest
 import torch
 
 from rescomp_modifiers import CAEModifier, GPTAQModifier
-from rescomp_modifiers.modifiers import CompensationModifier
-
-from test_modifiers import GROUP32, IGNORE, run_oneshot, targeted_linear_names
+from test_modifiers import GROUP32, IGNORE, record_solves, run_oneshot, targeted_linear_names
 
 
 @pytest.fixture
 def statistics(monkeypatch):
     """module name -> (H, D) as handed to the solver."""
     recorded = {}
-    original = CompensationModifier._pop_statistics
-
-    def recording(self, units):
-        fit, judge, refit = original(self, units)
-        for index, unit in enumerate(units):
-            for module in unit:
-                recorded[self._module_names[module]] = (
-                    fit.hessians[index].clone(), fit.asymmetry[index].clone())
-        return fit, judge, refit
-
-    monkeypatch.setattr(CompensationModifier, "_pop_statistics", recording)
+    record_solves(monkeypatch, lambda names, hessian, asymmetry: recorded.update(
+        {name: (hessian, asymmetry) for name in names}))
     return recorded
 
 
