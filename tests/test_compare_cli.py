@@ -197,7 +197,7 @@ def test_more_seeds_or_recipes_extend_the_results(previous_run, inputs):
     before = _records(previous_run)
     run_comparison(_config(inputs, previous_run, seeds=[0, 1]))
     # a recipe file naming our modifier adds its rows and is fingerprinted from then on
-    recipe = str(Path(__file__).parents[1] / "recipes" / "gptaq_cae" / "w4a16_g64.yaml")
+    recipe = str(_recipe(inputs["root"] / "cae_w4_g16.yaml", bits=4, group_size=16))
     run_comparison(_config(inputs, previous_run, seeds=[1], recipes=[recipe]))
     after = _records(previous_run)
     assert after[:len(before)] == before
@@ -283,6 +283,32 @@ def _bad_recipe(inputs, tmp_path):
             rf"--recipes {path}: ValueError: No modifier of type 'CAEModifer' found")
 
 
+def _recipe(path: Path, bits: int, group_size: int, rotation: bool = False) -> Path:
+    rotation_text = ("    SpinQuantModifier:\n      rotations: [R1, R2]\n"
+                     "      transform_type: hadamard\n") if rotation else ""
+    path.write_text(
+        "quant_stage:\n  quant_modifiers:\n" + rotation_text +
+        "    CAEModifier:\n      ignore: [lm_head]\n      config_groups:\n        group_0:\n"
+        "          targets: [Linear]\n          weights: {num_bits: %d, type: int, "
+        "symmetric: true, strategy: group, group_size: %d}\n" % (bits, group_size))
+    return path
+
+
+def _recipe_of_other_bits(inputs, tmp_path):  # the CLI's default setting is W3 g64
+    path = _recipe(tmp_path / "cae.yaml", bits=4, group_size=64)
+    return (["--recipes", str(path)],
+            rf"--recipes {path}: a recipe runs as written, and this one differs from the "
+            rf"comparison's setting: weights W4 g64 symmetric \(the comparison: W3 g64 symmetric\); "
+            rf"pass the recipe's setting \(--bits, ")
+
+
+def _recipe_with_a_rotation(inputs, tmp_path):
+    path = _recipe(tmp_path / "cae.yaml", bits=3, group_size=64, rotation=True)
+    return (["--recipes", str(path)],
+            r"differs from the comparison's setting: rotation SpinQuantModifier R1\+R2 \(the "
+            r"full width\) \(the comparison: none\); pass")
+
+
 def _missing_evaluation(inputs, tmp_path):
     return ["--evaluation", str(tmp_path / "held_out.txt")], rf"no such file: {tmp_path}/held_out.txt"
 
@@ -311,7 +337,7 @@ def _too_long_windows(inputs, tmp_path):
     (["--group-size", "-1"], r"--group-size must be an integer of at least 0"),
     (["--bigbench-limit", "0"], r"--bigbench-limit must be at least 1"),
     (_bad_jsonl, None), (_no_text, None), (_missing_model, None), (_missing_recipe, None),
-    (_bad_recipe, None),
+    (_bad_recipe, None), (_recipe_of_other_bits, None), (_recipe_with_a_rotation, None),
     (_missing_evaluation, None), (_too_short_evaluation, None), (_too_little_calibration, None),
     (_too_long_windows, None),
 ])

@@ -22,7 +22,10 @@ def _compare_parser(sub) -> None:
                         help="HF model id or local dir (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--methods", nargs="+", default=defaults.methods, choices=list(METHODS),
                         help="; ".join(f"{name}: {label}" for name, label in METHODS.items()))
-    parser.add_argument("--recipes", nargs="*", default=[], help="extra recipe files to compare")
+    parser.add_argument("--recipes", nargs="*", default=[],
+                        help="extra recipe files to compare; each runs as written and must have "
+                             "the comparison's setting (bits, group size, activation and KV bits, "
+                             "rotation), or it is refused")
     parser.add_argument("--bits", type=int, default=defaults.bits, help="weight bits, 2 to 8")
     parser.add_argument("--group-size", type=int, default=defaults.group_size,
                         help="weights per quantization group; 0: one scale per output channel")

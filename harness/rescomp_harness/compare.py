@@ -209,6 +209,11 @@ def _kv_cache_scheme(config: CompareConfig) -> dict | None:
             "dynamic": False}
 
 
+#: what ``--rotation spinquant`` applies: SpinQuant's R1 (residual stream) and R2
+#: (attention values) Hadamard rotations, which fold into the weights
+_SPINQUANT_ROTATIONS = ["R1", "R2"]
+
+
 def _rotation(config: CompareConfig) -> list:
     if config.rotation == "none":
         return []
@@ -216,7 +221,7 @@ def _rotation(config: CompareConfig) -> list:
 
     options = {} if config.rotation_block_size is None else {
         "transform_block_size": config.rotation_block_size}
-    return [SpinQuantModifier(rotations=["R1", "R2"], transform_type="hadamard", **options)]
+    return [SpinQuantModifier(rotations=_SPINQUANT_ROTATIONS, transform_type="hadamard", **options)]
 
 
 def build_recipe(method: str, config: CompareConfig):
@@ -379,7 +384,7 @@ def _load_inputs(config: CompareConfig) -> _Inputs:
     except (DocumentError, FileNotFoundError) as error:
         raise InvalidComparison(str(error)) from error
 
-    _parse_recipes(config.recipes)
+    _check_recipes(config)
 
     logger.info(f"calibration {config.calibration!r}: {len(documents.calibration)} documents "
                 f"({documents.calibration_rule}); each run draws --samples {config.samples} x --seq-len "
@@ -420,20 +425,91 @@ def _load_inputs(config: CompareConfig) -> _Inputs:
                    evaluation_tokens, torch.tensor(drift_input["input_ids"]), fingerprint)
 
 
-def _parse_recipes(recipes: list[str]) -> None:
+def _check_recipes(config: CompareConfig) -> None:
     """Parse each recipe file as oneshot will, so that a bad one fails before the
-    built-in methods have run, not after."""
-    if not recipes:
+    built-in methods have run, not after; and refuse one whose scheme or rotation
+    differs from the comparison's setting. A recipe runs as written, while the table
+    (and the fingerprint that resumes it) labels every row with the setting: a W4
+    recipe in a W3 comparison would be a silently wrong row."""
+    if not config.recipes:
         return
     import rescomp_modifiers  # noqa: F401  (registers our modifiers for recipes that name them)
     from llmcompressor.recipe import Recipe
 
-    for recipe in recipes:
+    expected = _setting_of(config)
+    for recipe in config.recipes:
         try:
-            Recipe.create_instance(str(Path(recipe).expanduser()))
+            modifiers = Recipe.create_instance(str(Path(recipe).expanduser())).modifiers
+            found = _recipe_setting(modifiers)
         except Exception as error:  # YAML, unknown modifier, pydantic field errors
             detail = " ".join(str(error).split())  # pydantic's message spans lines
             raise InvalidComparison(f"--recipes {recipe}: {type(error).__name__}: {detail}") from error
+        if not found["weights"]:
+            raise InvalidComparison(f"--recipes {recipe}: quantizes no weights (no modifier with a "
+                                    "scheme or config_groups); the comparison is of weight quantizers")
+        differences = [
+            f"{name} {' + '.join(sorted(values))} (the comparison: {expected[name]})"
+            for name, values in found.items() if values and values != {expected[name]}
+        ]
+        if differences:
+            raise InvalidComparison(
+                f"--recipes {recipe}: a recipe runs as written, and this one differs from the "
+                f"comparison's setting: {'; '.join(differences)}; pass the recipe's setting "
+                f"(--bits, --group-size, --activation-bits, --kv-bits, --rotation, "
+                f"--rotation-block-size) or change the recipe, so that every row has the "
+                f"table's setting")
+
+
+def _setting_of(config: CompareConfig) -> dict[str, str]:
+    """The comparison's setting in the words :func:`_recipe_setting` uses."""
+    return {
+        "weights": (f"W{config.bits} {'g' + str(config.group_size) if config.group_size else 'per channel'} "
+                    f"{'symmetric' if config.symmetric else 'asymmetric'}"),
+        "input activations": ("unquantized" if config.activation_bits == 16
+                              else f"{config.activation_bits} bits"),
+        "KV cache": "unquantized" if config.kv_bits == 16 else f"{config.kv_bits} bits",
+        "rotation": "none" if config.rotation == "none" else _rotation_words(
+            "SpinQuantModifier", _SPINQUANT_ROTATIONS, config.rotation_block_size),
+    }
+
+
+def _rotation_words(modifier: str, rotations: list[str] | None, block_size: int | None) -> str:
+    which = f" {'+'.join(rotations)}" if rotations else ""
+    return (f"{modifier}{which} "
+            f"({'the full width' if block_size is None else f'blocks of {block_size}'})")
+
+
+def _recipe_setting(modifiers) -> dict[str, set[str]]:
+    """What a parsed recipe's modifiers do, in :func:`_setting_of`'s words: the set of
+    weight schemes (empty if it quantizes nothing), input-activation and KV-cache bits,
+    and its rotation modifiers ("none" if it has none)."""
+    from llmcompressor.modifiers.transform import QuIPModifier, SpinQuantModifier
+
+    found = {"weights": set(), "input activations": set(), "KV cache": set(), "rotation": set()}
+    for modifier in modifiers:
+        if isinstance(modifier, (SpinQuantModifier, QuIPModifier)):
+            found["rotation"].add(_rotation_words(
+                type(modifier).__name__, [str(getattr(r, "value", r)) for r in
+                                          getattr(modifier, "rotations", None) or ()],
+                modifier.transform_block_size))
+        if not hasattr(modifier, "resolve_quantization_config"):
+            continue
+        resolved = modifier.resolve_quantization_config()
+        for scheme in resolved.config_groups.values():
+            weights = scheme.weights
+            if weights is not None:
+                grouping = (f"g{weights.group_size}" if weights.strategy == "group"
+                            else "per channel" if weights.strategy == "channel"
+                            else str(weights.strategy))
+                found["weights"].add(f"W{weights.num_bits} {grouping} "
+                                     f"{'symmetric' if weights.symmetric else 'asymmetric'}")
+            activations = scheme.input_activations
+            found["input activations"].add("unquantized" if activations is None
+                                           else f"{activations.num_bits} bits")
+        kv_cache = resolved.kv_cache_scheme
+        found["KV cache"].add("unquantized" if kv_cache is None else f"{kv_cache.num_bits} bits")
+    found["rotation"] = found["rotation"] or {"none"}
+    return found
 
 
 # ----------------------------------------------------------------------- fingerprint
