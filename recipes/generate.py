@@ -7,6 +7,7 @@ that the committed files match and parse in llm-compressor.
 from pathlib import Path
 
 from rescomp_modifiers.methods import METHODS as PLUGIN_METHODS
+from rescomp_modifiers.methods import method_for_setting
 
 HERE = Path(__file__).parent
 
@@ -102,8 +103,15 @@ def _fields(values: dict, indent: int) -> str:
 
 def render(method: str, scheme: str, group_size: int | None, path: str,
            rotated: bool = False) -> str:
-    modifier, method_comment, extra, observer = METHODS[method]
     scheme_comment, weights, _ = SCHEMES[scheme]
+    runs = method_for_setting(method, weights["num_bits"], rotated)
+    modifier, method_comment, extra, observer = (runs.modifier, runs.description,
+                                                 runs.settings, runs.weight_observer)
+    if runs.name != method:
+        method_comment = (
+            f"{METHODS[method][1]}.\n# After a rotation at {weights['num_bits']} bits it is "
+            f"{runs.label} instead: there MSE clipping and CAE's terms lost to GPTQ\n# "
+            f"(README, \"Rotations, activation and KV-cache quantization\")")
     weights = dict(weights)
     if group_size is not None:
         weights["group_size"] = group_size

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from rescomp_harness.compare import (
+    _FINGERPRINT_FORMAT,
     CompareConfig,
     InvalidComparison,
     _append,
@@ -16,17 +17,19 @@ from rescomp_harness.compare import (
 )
 
 
-def _fingerprint(config=None, model=None, evaluation=None, recipes=None, calibration="c0"):
+def _fingerprint(config=None, model=None, evaluation=None, recipes=None, calibration="c0",
+                 methods=None):
     settings = {k: v for k, v in (config or CompareConfig()).__dict__.items()
                 if k not in {"methods", "recipes", "seeds", "output", "model", "calibration",
                              "evaluation"}}
     return {
-        "format": 1,
+        "format": _FINGERPRINT_FORMAT,
         "settings": settings,
         "model": {"source": "m", "files": model or {"config.json": "a", "model.safetensors": "b"}},
         "calibration": {"source": "brown", "documents": 400, "digest": calibration},
         "evaluation": evaluation or {"brown": {"documents": 100, "digest": "e0"}},
         "recipes": recipes or {},
+        "methods": methods or {},
     }
 
 
@@ -47,10 +50,14 @@ def test_changed_setting_is_refused_with_what_changed(tmp_path):
     (dict(evaluation={"brown": {"documents": 100, "digest": "e1"}}), r"evaluation 'brown' \(its documents\)"),
     (dict(evaluation={"sotu": {"documents": 100, "digest": "e0"}}), r"evaluation sources \['brown'\] -> \['sotu'\]"),
     (dict(recipes={"r.yaml": "r1"}), r"recipe r.yaml \(its content\)"),
+    (dict(methods={"recommended": {"runs": "gptaq"}}),
+     r"method recommended \(its definition: \{'runs': 'recommended'\} -> \{'runs': 'gptaq'\}\)"),
 ])
 def test_changed_content_is_refused_naming_it(tmp_path, changed, named):
-    _previous_run(tmp_path, _fingerprint(recipes={"r.yaml": "r0"}))
+    _previous_run(tmp_path, _fingerprint(recipes={"r.yaml": "r0"},
+                                         methods={"recommended": {"runs": "recommended"}}))
     changed.setdefault("recipes", {"r.yaml": "r0"})
+    changed.setdefault("methods", {"recommended": {"runs": "recommended"}})
     with pytest.raises(InvalidComparison, match=named):
         _check_resumable(tmp_path, _fingerprint(**changed), has_results=True)
 
@@ -64,11 +71,13 @@ def test_every_change_is_named_at_once():
 
 def test_more_seeds_methods_or_recipes_extend_the_run(tmp_path):
     _previous_run(tmp_path, _fingerprint(CompareConfig(seeds=[0], methods=["gptq"]),
-                                         recipes={"a.yaml": "ra"}))
+                                         recipes={"a.yaml": "ra"}, methods={"gptq": {"runs": "gptq"}}))
     stored = _check_resumable(
-        tmp_path, _fingerprint(CompareConfig(seeds=[0, 1, 2], output="x"), recipes={"b.yaml": "rb"}),
+        tmp_path, _fingerprint(CompareConfig(seeds=[0, 1, 2], output="x"), recipes={"b.yaml": "rb"},
+                               methods={"gptaq": {"runs": "gptaq"}}),
         has_results=True)
     assert stored["recipes"] == {"a.yaml": "ra", "b.yaml": "rb"}  # a later run still checks a.yaml
+    assert stored["methods"] == {"gptq": {"runs": "gptq"}, "gptaq": {"runs": "gptaq"}}
 
 
 def test_results_without_a_fingerprint_are_refused(tmp_path):

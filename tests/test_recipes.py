@@ -10,6 +10,7 @@ from llmcompressor.modifiers.transform import SpinQuantModifier
 from llmcompressor.recipe import Recipe
 
 import rescomp_modifiers
+from rescomp_modifiers.methods import method_for_setting
 
 ROOT = Path(__file__).parent.parent
 spec = importlib.util.spec_from_file_location("generate", ROOT / "recipes" / "generate.py")
@@ -38,8 +39,10 @@ def test_recipe_parses_into_modifier(relative):
     else:
         (modifier,) = recipe.modifiers
     method = Path(relative).parent.name
+    # the recommended default runs as GPTAQ after a rotation at 4+ bits (its own test below)
+    runs = method_for_setting(method, int(scheme[1]), scheme.endswith("_rot")).name
     expected = {"gptaq": rescomp_modifiers.GPTAQModifier, "foem": rescomp_modifiers.FOEMModifier}
-    assert type(modifier) is expected.get(method, rescomp_modifiers.CAEModifier)
+    assert type(modifier) is expected.get(runs, rescomp_modifiers.CAEModifier)
     if method.endswith("cae"):
         assert modifier.statistics == ("gptaq" if method == "gptaq_cae" else "gptq")
     weights = yaml.safe_load((ROOT / relative).read_text())["quant_stage"]["quant_modifiers"]
@@ -83,6 +86,36 @@ def test_one_method_vocabulary():
         build_modifier("cae")
     with pytest.raises(ValueError, match="Unknown method 'cae'"):
         CompensationTerms.for_method("cae")
+
+
+@pytest.mark.parametrize("bits, rotated, runs", [
+    (4, True, "gptaq"), (8, True, "gptaq"),  # after a rotation at 4+ bits: GPTAQ
+    (3, True, "recommended"), (2, True, "recommended"),
+    (4, False, "recommended"), (3, False, "recommended"),
+])
+def test_recommended_after_a_rotation(bits, rotated, runs):
+    """The measured rule (README): after a rotation at 4 bits or more the recommended
+    default runs as plain GPTAQ, min-max clipping; everywhere else as itself. The
+    shipped recipes, `rescomp compare` and its row label follow the same rule."""
+    from rescomp_harness.compare import CompareConfig, build_recipe, method_label
+
+    from rescomp_modifiers.methods import METHODS
+
+    assert method_for_setting("recommended", bits, rotated).name == runs
+    assert method_for_setting("gptaq_cae", bits, rotated).name == "gptaq_cae"  # published: as is
+    config = CompareConfig(bits=bits, rotation="spinquant" if rotated else "none")
+    modifier = build_recipe("recommended", config)[-1]
+    assert type(modifier).__name__ == METHODS[runs].modifier
+    observers = {group.weights.observer
+                 for group in modifier.resolve_quantization_config().config_groups.values()}
+    assert (observers == {"memoryless_mse"}) == (runs == "recommended")
+    label = method_label("recommended", config)
+    assert label == (METHODS["recommended"].label if runs == "recommended"
+                     else f"GPTAQ (as recommended: W{bits} after a rotation)")
+    if bits in (3, 4) and rotated:
+        recipe = RECIPES[f"recipes/recommended/w{bits}a16_g64_rot.yaml"]
+        assert f"    {METHODS[runs].modifier}:\n" in recipe
+        assert ("memoryless_mse" in recipe) == (runs == "recommended")
 
 
 def test_rotated_recipes_for_each_method():

@@ -68,7 +68,8 @@ def _plugin_method_vocabulary():
 
 #: method name -> label, from the plugin's one vocabulary; recipe files are added as
 #: "recipe:<path>"
-METHODS = {name: method.label for name, method in _plugin_method_vocabulary().METHODS.items()}
+_VOCABULARY = _plugin_method_vocabulary()
+METHODS = {name: method.label for name, method in _VOCABULARY.METHODS.items()}
 #: what a comparison runs when no --methods are named
 DEFAULT_METHODS = ["rtn", "gptq", "gptq_mse", "gptaq_cae", "recommended"]
 #: bit widths the integer group quantization is run and compared at
@@ -224,16 +225,36 @@ def _rotation(config: CompareConfig) -> list:
     return [SpinQuantModifier(rotations=_SPINQUANT_ROTATIONS, transform_type="hadamard", **options)]
 
 
+def _runs_as(method: str, config: CompareConfig):
+    """The vocabulary's method that runs for ``method`` in this setting (another one
+    where :attr:`Method.after_rotation` says so)."""
+    return _VOCABULARY.method_for_setting(method, config.bits, config.rotation != "none")
+
+
+def method_label(method: str, config: CompareConfig) -> str:
+    """A row's label: the method's own, or, where another method runs in its place in
+    this setting, that one's, saying whose place it takes."""
+    if method not in METHODS:
+        return method
+    runs = _runs_as(method, config)
+    if runs.name == method:
+        return METHODS[method]
+    return f"{runs.label} (as {method}: W{config.bits} after a rotation)"
+
+
 def build_recipe(method: str, config: CompareConfig):
     """The modifier list for a method name, or a recipe path for ``recipe:<path>``."""
     if method.startswith("recipe:"):
         return method[len("recipe:"):]
     from rescomp_modifiers.methods import build_modifier
 
+    runs = _runs_as(method, config)
+    if runs.name != method:
+        logger.info(f"compare: {method} runs as {runs.name} here ({method_label(method, config)})")
     fields = dict(ignore=["lm_head"], config_groups=_scheme(config), semantics=config.semantics)
     if config.kv_bits < 16:
         fields["kv_cache_scheme"] = _kv_cache_scheme(config)
-    return _rotation(config) + [build_modifier(method, **fields)]
+    return _rotation(config) + [build_modifier(runs.name, **fields)]
 
 
 def _decoder_layers(model) -> list:
@@ -353,7 +374,7 @@ def run_comparison(config: CompareConfig) -> Path:
 
     records = _scan_results(results_path).records
     (out / "summary.md").write_text(summarize(records, config))
-    plot(records, out)
+    plot(records, out, config)
     return out
 
 
@@ -420,6 +441,7 @@ def _load_inputs(config: CompareConfig) -> _Inputs:
         "evaluation": {name: {"documents": len(scored), "digest": _documents_digest(scored)}
                        for name, scored in documents.evaluation.items()},
         "recipes": {recipe: _file_digest(Path(recipe).expanduser()) for recipe in config.recipes},
+        "methods": {method: _method_definition(method, config) for method in config.methods},
     }
     return _Inputs(model_path, tokenizer, dense, calibration_sets, documents.evaluation,
                    evaluation_tokens, torch.tensor(drift_input["input_ids"]), fingerprint)
@@ -514,11 +536,21 @@ def _recipe_setting(modifiers) -> dict[str, set[str]]:
 
 # ----------------------------------------------------------------------- fingerprint
 
-#: bump when what a fingerprint covers changes: older output directories are refused
-_FINGERPRINT_FORMAT = 1
+#: bump when what a fingerprint covers changes: older output directories are refused.
+#: 2: the definition each method name ran as (format 1 did not record it, and the
+#: recommended default has since changed, e.g. after a rotation at 4 bits)
+_FINGERPRINT_FORMAT = 2
 #: config fields that are not settings of a result: the methods, recipes and seeds only
 #: add runs, the output is where they go, and the inputs are fingerprinted by content
 _NOT_SETTINGS = {"methods", "recipes", "seeds", "output", "model", "calibration", "evaluation"}
+
+
+def _method_definition(method: str, config: CompareConfig) -> dict:
+    """What a method name ran as in this setting: a changed default (new settings, or
+    another method in its place) must not be averaged with the rows of the old one."""
+    runs = _runs_as(method, config)
+    return {"runs": runs.name, "modifier": runs.modifier, "settings": runs.settings,
+            "weight_observer": runs.weight_observer, "terms": runs.terms_name}
 
 
 def _file_digest(path: Path) -> str:
@@ -596,6 +628,10 @@ def _fingerprint_changes(previous: dict, current: dict) -> list[str]:
     old_recipes = previous.get("recipes", {})
     changes += [f"recipe {recipe} (its content)" for recipe, digest in current["recipes"].items()
                 if recipe in old_recipes and old_recipes[recipe] != digest]
+    old_methods = previous.get("methods", {})
+    changes += [f"method {method} (its definition: {old_methods[method]} -> {definition})"
+                for method, definition in current["methods"].items()
+                if method in old_methods and old_methods[method] != definition]
     return changes
 
 
@@ -624,7 +660,8 @@ def _check_resumable(out: Path, fingerprint: dict, has_results: bool) -> dict:
         raise InvalidComparison(
             f"{out} holds results computed on other inputs: {'; '.join(changes)}. Pass another "
             f"--output, or delete {out} to start over")
-    return {**fingerprint, "recipes": {**previous.get("recipes", {}), **fingerprint["recipes"]}}
+    return {**fingerprint, "recipes": {**previous.get("recipes", {}), **fingerprint["recipes"]},
+            "methods": {**previous.get("methods", {}), **fingerprint["methods"]}}
 
 
 def _write_json_atomically(path: Path, value: dict) -> None:
@@ -737,7 +774,7 @@ def summarize(records: list[dict], config: CompareConfig) -> str:
         if method not in by_method:
             continue
         seeds = by_method[method]
-        row = [METHODS.get(method, method), str(len(seeds)) if method != "dense" else "-"]
+        row = [method_label(method, config), str(len(seeds)) if method != "dense" else "-"]
         for metric in metrics:
             values = [s[metric] for s in seeds.values() if metric in s]
             paired = [seeds[k][metric] - gptq[k][metric] for k in seeds
@@ -747,7 +784,7 @@ def summarize(records: list[dict], config: CompareConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(records: list[dict], out: Path) -> None:
+def plot(records: list[dict], out: Path, config: CompareConfig) -> None:
     """perplexity.png (per method, one point per seed, mean bar) and drift.png."""
     try:
         import matplotlib
@@ -769,7 +806,7 @@ def plot(records: list[dict], out: Path) -> None:
             axis.scatter([x] * len(values), values, color="tab:blue", alpha=0.7)
             if values:
                 axis.hlines(statistics.fmean(values), x - 0.3, x + 0.3, color="tab:red")
-        axis.set_xticks(range(len(methods)), [METHODS.get(m, m).split(" (")[0] for m in methods],
+        axis.set_xticks(range(len(methods)), [method_label(m, config).split(" (")[0] for m in methods],
                         rotation=30, ha="right")
         axis.set_title(f"{metric} (points: seeds, bar: mean)")
         axis.set_ylabel("perplexity")
@@ -782,7 +819,7 @@ def plot(records: list[dict], out: Path) -> None:
         drifts = [r["drift"] for r in records if r["method"] == method and r["drift"]]
         if drifts:
             mean = [statistics.fmean(values) for values in zip(*drifts)]
-            axis.plot(range(len(mean)), mean, marker=".", label=METHODS.get(method, method))
+            axis.plot(range(len(mean)), mean, marker=".", label=method_label(method, config))
     axis.set_yscale("log")
     axis.set_xlabel("decoder layer")
     axis.set_ylabel("MSE vs dense layer output")
