@@ -12,6 +12,7 @@ import pytest
 import torch
 from llmcompressor import oneshot
 from llmcompressor.modifiers.transform import QuIPModifier, SpinQuantModifier
+from loguru import logger
 from transformers import AutoModelForCausalLM
 
 from rescomp_modifiers import CAEModifier, FOEMModifier, GPTAQModifier
@@ -121,3 +122,41 @@ def test_rotated_solver_saves_and_reloads(tiny_model_dir, tmp_path, solver_calls
     with torch.no_grad():
         actual = reloaded(ids).logits
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+def _group(bits: int, observer: str | None = None) -> dict:
+    weights = {**GROUP32["group_0"]["weights"], "num_bits": bits}
+    if observer:
+        weights["observer"] = observer
+    return {"group_0": {"targets": ["Linear"], "weights": weights}}
+
+
+@pytest.mark.parametrize("rotated, solver, warned", [
+    # after a rotation at 4+ bits, each of these measured worse than GPTQ (README)
+    (True, lambda: GPTAQModifier(ignore=IGNORE, config_groups=_group(4, "memoryless_mse")),
+     "MSE clipping measured worse than GPTQ"),
+    (True, lambda: CAEModifier(ignore=IGNORE, config_groups=_group(4)),
+     "CAE's terms measured worse than GPTQ"),
+    (True, lambda: FOEMModifier(ignore=IGNORE, config_groups=_group(8)),
+     "FOEM's term measured worse than GPTQ"),
+    # plain GPTAQ tied GPTQ there; at 3 bits the recommended default wins by far
+    (True, lambda: GPTAQModifier(ignore=IGNORE, config_groups=_group(4)), None),
+    (True, lambda: CAEModifier(ignore=IGNORE, config_groups=_group(3, "memoryless_mse")), None),
+    # without a rotation, nothing to say
+    (False, lambda: CAEModifier(ignore=IGNORE, config_groups=_group(4, "memoryless_mse")), None),
+], ids=["gptaq_mse_w4", "cae_w4", "foem_w8", "gptaq_w4", "cae_mse_w3", "unrotated_cae_mse_w4"])
+def test_warns_where_measured_worse_after_a_rotation(tiny_model_dir, rotated, solver, warned):
+    messages = []
+    sink = logger.add(lambda message: messages.append(str(message)), level="WARNING")
+    try:
+        oneshot(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                dataset=calibration_dataset(), max_seq_length=32, num_calibration_samples=8,
+                recipe=[_rotation("spinquant")] * rotated + [solver()])
+    finally:
+        logger.remove(sink)
+    rotation_warnings = [m for m in messages if "after a rotation at W" in m]
+    if warned is None:
+        assert rotation_warnings == []
+    else:
+        (message,) = rotation_warnings
+        assert warned in message and "recipes/recommended/*_rot.yaml" in message
