@@ -378,8 +378,12 @@ if dist.is_initialized():
     # between processes for in-memory datasets)
     half = len(dataset) // 2
     dataset = dataset.select(range(dist.get_rank() * half, (dist.get_rank() + 1) * half))
+# one batch of 4 per rank: the single process then adds the same two batch sums in the
+# same order as the all-reduce (b0 + b1), so the checkpoints must match bit for bit.
+# With several batches per rank the order differs, and on some CPUs one weight on a
+# rounding boundary flipped a quantization level (8 of 4096 in one q_proj).
 oneshot(model=model, dataset=dataset, max_seq_length=32,
-        num_calibration_samples=len(dataset), shuffle_calibration_samples=False,
+        num_calibration_samples=len(dataset), shuffle_calibration_samples=False, batch_size=4,
         recipe=[CAEModifier(ignore={ignore!r}, config_groups={groups!r})])
 if not dist.is_initialized() or dist.get_rank() == 0:
     torch.save({{k: v.clone() for k, v in model.state_dict().items()}}, {out!r})
