@@ -309,6 +309,13 @@ def _recipe_with_a_rotation(inputs, tmp_path):
             r"full width\) \(the comparison: none\); pass")
 
 
+def _recipe_without_weights(inputs, tmp_path):
+    path = tmp_path / "rotation_only.yaml"
+    path.write_text("quant_stage:\n  quant_modifiers:\n    SpinQuantModifier:\n"
+                    "      rotations: [R1, R2]\n")
+    return ["--recipes", str(path)], rf"--recipes {path}: quantizes no weights"
+
+
 def _missing_evaluation(inputs, tmp_path):
     return ["--evaluation", str(tmp_path / "held_out.txt")], rf"no such file: {tmp_path}/held_out.txt"
 
@@ -338,6 +345,7 @@ def _too_long_windows(inputs, tmp_path):
     (["--bigbench-limit", "0"], r"--bigbench-limit must be at least 1"),
     (_bad_jsonl, None), (_no_text, None), (_missing_model, None), (_missing_recipe, None),
     (_bad_recipe, None), (_recipe_of_other_bits, None), (_recipe_with_a_rotation, None),
+    (_recipe_without_weights, None),
     (_missing_evaluation, None), (_too_short_evaluation, None), (_too_little_calibration, None),
     (_too_long_windows, None),
 ])
