@@ -274,7 +274,7 @@ class CompensationModifier(GPTQModifier):
     def _warn_where_measured_worse_after_rotation(self, model: torch.nn.Module) -> None:
         """Never silently worse where it was measured worse: after a rotation modifier
         at 4+ weight bits, MSE clipping, CAE's terms and FOEM's term each lost to GPTQ
-        on SmolLM2-135M (README, "Rotations, activation and KV-cache quantization"),
+        (FOEM's at 3 bits too) on SmolLM2-135M (README, "Rotations, activation and KV-cache quantization"),
         which is why the recommended recipes run plain GPTAQ there. A warning, not an
         error: one model's measurement, and a user may want the published method."""
         # a rotation modifier (SpinQuant, QuIP) leaves its transform config on the model,
@@ -283,14 +283,15 @@ class CompensationModifier(GPTQModifier):
             return
         for scheme in self.resolve_quantization_config().config_groups.values():
             weights = scheme.weights
-            if weights is None or weights.num_bits < 4:
+            if weights is None:
                 continue
             terms = self.compensation_terms(weights.num_bits)
-            losing = [what for what, used in (
-                ("MSE clipping", weights.observer in ("memoryless_mse", "mse")),
-                ("CAE's terms", terms.compensation_aware_coefficient != 0),
-                ("FOEM's term", terms.first_order_coefficient != 0),
-            ) if used]
+            # (what, used here, from how many bits it lost): FOEM lost at W3 too
+            losing = [what for what, used, from_bits in (
+                ("MSE clipping", weights.observer in ("memoryless_mse", "mse"), 4),
+                ("CAE's terms", terms.compensation_aware_coefficient != 0, 4),
+                ("FOEM's term", terms.first_order_coefficient != 0, 3),
+            ) if used and weights.num_bits >= from_bits]
             if losing:
                 logger.warning(
                     f"{type(self).__name__} after a rotation at W{weights.num_bits}: "

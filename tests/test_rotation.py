@@ -137,14 +137,14 @@ def _group(bits: int, observer: str | None = None) -> dict:
      "MSE clipping measured worse than GPTQ"),
     (True, lambda: CAEModifier(ignore=IGNORE, config_groups=_group(4)),
      "CAE's terms measured worse than GPTQ"),
-    (True, lambda: FOEMModifier(ignore=IGNORE, config_groups=_group(8)),
+    (True, lambda: FOEMModifier(ignore=IGNORE, config_groups=_group(3)),
      "FOEM's term measured worse than GPTQ"),
     # plain GPTAQ tied GPTQ there; at 3 bits the recommended default wins by far
     (True, lambda: GPTAQModifier(ignore=IGNORE, config_groups=_group(4)), None),
     (True, lambda: CAEModifier(ignore=IGNORE, config_groups=_group(3, "memoryless_mse")), None),
     # without a rotation, nothing to say
     (False, lambda: CAEModifier(ignore=IGNORE, config_groups=_group(4, "memoryless_mse")), None),
-], ids=["gptaq_mse_w4", "cae_w4", "foem_w8", "gptaq_w4", "cae_mse_w3", "unrotated_cae_mse_w4"])
+], ids=["gptaq_mse_w4", "cae_w4", "foem_w3", "gptaq_w4", "cae_mse_w3", "unrotated_cae_mse_w4"])
 def test_warns_where_measured_worse_after_a_rotation(tiny_model_dir, rotated, solver, warned):
     messages = []
     sink = logger.add(lambda message: messages.append(str(message)), level="WARNING")
