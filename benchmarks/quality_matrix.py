@@ -53,6 +53,10 @@ VARIANTS = {
     "gptq_cae_guard": ("CAEModifier", {"statistics": "gptq", "guard": "gptq"}),
     "foem": ("FOEMModifier", {}),
     "foem_guard": ("FOEMModifier", {"guard": "gptq"}),
+    # FOEM's released pull (f = 0.2) halved and quartered: does a smaller fixed pull stop
+    # the loss where FOEM is worse than GPTQ (the overshoot hypothesis, README)?
+    "foem_f0.1": ("FOEMModifier", {"first_order_coefficient": 0.1}),
+    "foem_f0.05": ("FOEMModifier", {"first_order_coefficient": 0.05}),
     "gptaq_guard": ("GPTAQModifier", {"guard": "gptq"}),
 }
 
