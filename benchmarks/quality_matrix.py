@@ -45,6 +45,11 @@ VARIANTS = {
                                               "candidate_row_stride": 1}),
     "recommended_rows4": ("CAEModifier", {"guard": "gptq", "observer": "memoryless_mse",
                                           "candidate_row_stride": 4}),
+    # the default with a coarser MSE range search (10 shrink steps of 2% instead of 20 of
+    # 1%): the search is 0.21x GPTQ's time on a fast CPU (README, cost)
+    "recommended_mse_grid50": ("CAEModifier", {"guard": "gptq", "observer": "memoryless_mse",
+                                               "observer_kwargs": {"grid": 50},
+                                               "candidate_row_stride": 4}),
     "foem_mse": ("FOEMModifier", {"observer": "memoryless_mse"}),
     "gptaq_cae_search": ("CAEModifier", {"guard": "gptq",
                                          "coefficient_candidates": [0.125, 0.5]}),
@@ -65,12 +70,15 @@ def recipe_text(variant: str, bits: int, group: int | None) -> str:
     modifier, settings = VARIANTS[variant]
     settings = dict(settings)
     observer = settings.pop("observer", None)
+    observer_kwargs = settings.pop("observer_kwargs", None)
     weights = {"num_bits": bits, "type": "int", "symmetric": True,
                "strategy": "group" if group else "channel"}
     if group:
         weights["group_size"] = group
     if observer:
         weights["observer"] = observer
+    if observer_kwargs:
+        weights["observer_kwargs"] = observer_kwargs
     fields = {"ignore": ["lm_head"], **settings,
               "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}
     return json.dumps({"quant_stage": {"quant_modifiers": {modifier: fields}}}, indent=2)
