@@ -12,11 +12,7 @@ from rescomp_modifiers.methods import method_for_setting
 HERE = Path(__file__).parent
 
 # every method of the plugin's vocabulary that ships recipes (not the baselines)
-METHODS = {
-    name: (method.modifier, method.description, method.settings, method.weight_observer)
-    for name, method in PLUGIN_METHODS.items()
-    if method.ships_recipes
-}
+METHODS = {name: method for name, method in PLUGIN_METHODS.items() if method.ships_recipes}
 
 # name: (comment, weights args, group sizes: (default, small-model variant))
 SCHEMES = {
@@ -109,7 +105,7 @@ def render(method: str, scheme: str, group_size: int | None, path: str,
                                                  runs.settings, runs.weight_observer)
     if runs.name != method:
         method_comment = (
-            f"{METHODS[method][1]}.\n# After a rotation at {weights['num_bits']} bits it is "
+            f"{METHODS[method].description}.\n# After a rotation at {weights['num_bits']} bits it is "
             f"{runs.label} instead: there MSE clipping and CAE's terms lost to GPTQ\n# "
             f"(README, \"Rotations, activation and KV-cache quantization\")")
     weights = dict(weights)

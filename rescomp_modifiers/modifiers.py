@@ -274,9 +274,10 @@ class CompensationModifier(GPTQModifier):
     def _warn_where_measured_worse_after_rotation(self, model: torch.nn.Module) -> None:
         """Never silently worse where it was measured worse: after a rotation modifier
         at 4+ weight bits, MSE clipping, CAE's terms and FOEM's term each lost to GPTQ
-        (FOEM's at 3 bits too) on SmolLM2-135M (README, "Rotations, activation and KV-cache quantization"),
-        which is why the recommended recipes run plain GPTAQ there. A warning, not an
-        error: one model's measurement, and a user may want the published method."""
+        (FOEM's at 3 bits too) on SmolLM2-135M (README, "Rotations, activation and
+        KV-cache quantization"), which is why the recommended recipes run plain GPTAQ
+        there. A warning, not an error: one model's measurement, and a user may want the
+        published method."""
         # a rotation modifier (SpinQuant, QuIP) leaves its transform config on the model,
         # also when it ran in an earlier stage or oneshot call
         if getattr(model, TRANSFORM_CONFIG_NAME, None) is None:
