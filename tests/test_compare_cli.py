@@ -5,6 +5,7 @@ module; each test works on a copy of its output directory.
 """
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -95,6 +96,22 @@ def _records(out: Path) -> list[dict]:
 
 def _snapshot(directory: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_no_run_keeps_its_model_alive(inputs, tmp_path):
+    """Every run's model is freed when the comparison returns (and so, run by run, a long
+    comparison does not grow by one model per run): llm-compressor's session kept them
+    alive until the harness reset it after each run."""
+    from transformers import PreTrainedModel
+
+    def live_models() -> set[int]:
+        gc.collect()
+        return {id(o) for o in gc.get_objects() if isinstance(o, PreTrainedModel)}
+
+    before = live_models()
+    run_comparison(_config(inputs, tmp_path / "out", methods=["rtn", "gptq"], seeds=[0, 1]))
+    assert len(_records(tmp_path / "out")) == 5  # dense + 2 methods x 2 seeds
+    assert live_models() - before == set()
 
 
 def test_a_comparison_scores_the_whole_evaluation_file(finished, inputs):
