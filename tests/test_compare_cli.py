@@ -100,8 +100,8 @@ def _snapshot(directory: Path) -> dict:
 
 def test_no_run_keeps_its_model_alive(inputs, tmp_path):
     """Every run's model is freed when the comparison returns (and so, run by run, a long
-    comparison does not grow by one model per run): llm-compressor's session kept them
-    alive until the harness reset it after each run."""
+    comparison does not grow by one model per run): llm-compressor's session and
+    torch.fx's wrapper registry kept them alive (RTN runs the first, GPTQ the second)."""
     from transformers import PreTrainedModel
 
     def live_models() -> set[int]:

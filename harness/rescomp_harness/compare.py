@@ -289,12 +289,12 @@ def layer_drift(dense, quantized, windows) -> list[float]:
 
 @contextlib.contextmanager
 def _freeing_the_model():
-    """Free the model of the run inside the block when it ends. Two of upstream's
-    registries keep every quantized model alive otherwise, one model per run (0.4 GiB
-    per run of the embedded model; a 36-run quality matrix was killed for memory):
-    llm-compressor's session holds the last model until the next ``oneshot``, and
-    torch.fx's ``_wrapped_fns_to_patch`` keeps, for good, the globals of the code that
-    the sequential pipeline traces, which hold the model. Both are released here
+    """Free the model of the run inside the block when it ends. Without this, every
+    run's model stayed alive, one per run (0.4 GiB per run of the embedded model; a
+    36-run quality matrix was killed for memory). Two of upstream's registries held
+    them: llm-compressor's session (resetting it freed them all after RTN runs) and
+    torch.fx's ``_wrapped_fns_to_patch``, which keeps for good the globals of the code
+    the sequential pipeline traces, and those hold the model. Both are released here
     (tests/test_compare_cli.py counts the live models)."""
     from llmcompressor.core import active_session
     from torch.fx import _symbolic_trace
