@@ -185,8 +185,12 @@ def run_oneshot(run: Run, device: str, isolate: bool, timeout_s: float) -> dict:
         # in this process (quick CI mode): peak RSS is the process's, not the run's
         saved = os.environ.get("RESCOMP_FULL_PRECISION_CACHE_DEVICE")
         os.environ.update(env)
+        from rescomp_modifiers.release import releasing_oneshot_models
+
         try:
-            result = oneshot_worker(run, device)
+            # the earlier runs' models are freed, so cuda_before_mib is this run's own
+            with releasing_oneshot_models():
+                result = oneshot_worker(run, device)
         finally:
             os.environ.pop("RESCOMP_FULL_PRECISION_CACHE_DEVICE", None)
             if saved is not None:

@@ -19,6 +19,7 @@ from rescomp_modifiers.compensation import (
 )
 from rescomp_modifiers.modifiers import CAEModifier, FOEMModifier, GPTAQModifier
 from rescomp_modifiers.pipeline import DualStreamPipeline, install_pipeline_inference, last_drift
+from rescomp_modifiers.release import releasing_oneshot_models
 
 __all__ = [
     "GPTAQModifier",
@@ -31,6 +32,7 @@ __all__ = [
     "Semantics",
     "compensate_weight",
     "last_drift",
+    "releasing_oneshot_models",
 ]
 
 for _modifier in (GPTAQModifier, CAEModifier, FOEMModifier):

@@ -22,8 +22,6 @@ A result is either right or refused:
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import hashlib
 import importlib.util
 import json
@@ -287,29 +285,6 @@ def layer_drift(dense, quantized, windows) -> list[float]:
         return [float((a - b).square().mean()) for a, b in zip(capture(dense), capture(quantized))]
 
 
-@contextlib.contextmanager
-def _freeing_the_model():
-    """Free the model of the run inside the block when it ends. Without this, every
-    run's model stayed alive, one per run (0.4 GiB per run of the embedded model; a
-    36-run quality matrix was killed for memory). Two of upstream's registries held
-    them: llm-compressor's session (resetting it freed them all after RTN runs) and
-    torch.fx's ``_wrapped_fns_to_patch``, which keeps for good the globals of the code
-    the sequential pipeline traces, and those hold the model. Both are released here
-    (tests/test_compare_cli.py counts the live models)."""
-    from llmcompressor.core import active_session
-    from torch.fx import _symbolic_trace
-
-    wrapped = getattr(_symbolic_trace, "_wrapped_fns_to_patch", {})
-    registered_before = set(wrapped)
-    try:
-        yield
-    finally:
-        active_session().reset()
-        for key in set(wrapped) - registered_before:
-            del wrapped[key]
-        gc.collect()
-
-
 def _load_model(path: str):
     import torch
     from transformers import AutoModelForCausalLM
@@ -348,6 +323,7 @@ def run_comparison(config: CompareConfig) -> Path:
     from llmcompressor import oneshot
 
     import rescomp_modifiers  # noqa: F401  (our modifiers and pipeline, for recipe files too)
+    from rescomp_modifiers.release import releasing_oneshot_models
 
     from rescomp_harness.evaluation.perplexity import perplexity
 
@@ -391,7 +367,7 @@ def run_comparison(config: CompareConfig) -> Path:
     runs = [(m, s) for s in config.seeds for m in methods if (m, s) not in done]
     for method, seed in tqdm(runs, desc="compare (method x seed)", unit="run"):
         logger.info(f"compare: {method}, seed {seed}")
-        with _freeing_the_model():
+        with releasing_oneshot_models():
             record = quantize_and_score(method, seed)
         _append(results_path, record)
 
