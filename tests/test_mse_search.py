@@ -1,0 +1,124 @@
+"""The in-place MSE clipping search against llm-compressor's own eager search."""
+
+import itertools
+from unittest import mock
+
+import pytest
+import torch
+from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.utils.impl_backend import ImplBackend
+from llmcompressor.modifiers.gptq import GPTQModifier
+from llmcompressor.observers import Observer
+from llmcompressor.observers.helpers import flatten_for_calibration
+
+import rescomp_modifiers.mse_search as mse_search
+from rescomp_modifiers import GPTAQModifier
+from rescomp_modifiers.mse_search import grid_search_mse_in_place, in_place_mse_search
+
+from test_modifiers import IGNORE, run_oneshot
+
+
+def upstream_search(*args, **kwargs):
+    """llm-compressor's eager search itself (the dispatch's fallback, by name)."""
+    return ImplBackend.call("_grid_search_mse", *args, **kwargs)
+
+
+def search_arguments(weights, args, **observer_kwargs):
+    """What upstream's MSE observer hands its search for ``weights``."""
+    observer = Observer.load_from_registry("memoryless_mse", base_name="weight", args=args)
+    options = dict(maxshrink=observer.maxshrink, patience=observer.patience,
+                   grid=observer.grid, norm=observer.norm,
+                   triton_error_buffer=observer.triton_error_buffer, expand=observer.expand)
+    options.update(observer_kwargs)
+    observed = flatten_for_calibration(weights, "weight", args)
+    return (observed, args, observer._token_args), options
+
+
+def assert_same_search(weights, args, **observer_kwargs):
+    positional, options = search_arguments(weights, args, **observer_kwargs)
+    expected = upstream_search(*positional, **options)
+    got = grid_search_mse_in_place(*positional, **options)
+    for name, ours, theirs in zip(("min", "max"), got, expected):
+        assert torch.equal(ours, theirs), name
+
+
+SETTINGS = list(itertools.product([2, 3, 4, 8], [True, False], [("group", 16), ("group", 64),
+                                                                  ("channel", None)]))
+
+
+@pytest.mark.parametrize("bits,symmetric,strategy", SETTINGS)
+def test_same_ranges_as_upstream_on_random_weights(bits, symmetric, strategy):
+    generator = torch.Generator().manual_seed(bits)
+    weights = torch.randn(48, 128, generator=generator)
+    weights[:, 5] *= 8  # outliers, so that clipping pays
+    weights[3] = 0.0  # a dead row: every candidate ties
+    args = QuantizationArgs(num_bits=bits, symmetric=symmetric, strategy=strategy[0],
+                            group_size=strategy[1], observer="memoryless_mse")
+    assert_same_search(weights, args)
+
+
+@pytest.mark.parametrize("observer_kwargs", [dict(grid=50.0), dict(patience=1),
+                                             dict(norm=2.0), dict(expand=1.3),
+                                             dict(maxshrink=0.5)])
+def test_same_ranges_as_upstream_with_other_observer_options(observer_kwargs):
+    generator = torch.Generator().manual_seed(1)
+    weights = torch.randn(64, 96, generator=generator) * torch.rand(1, 96, generator=generator)
+    args = QuantizationArgs(num_bits=3, symmetric=False, strategy="group", group_size=32,
+                            observer="memoryless_mse")
+    assert_same_search(weights, args, **observer_kwargs)
+
+
+def test_only_inside_the_block_and_only_where_checked():
+    weights = torch.randn(8, 32)
+    int_args = QuantizationArgs(num_bits=4, strategy="group", group_size=16,
+                                observer="memoryless_mse")
+    fp4_args = QuantizationArgs(num_bits=4, type="float", strategy="group", group_size=16,
+                                observer="memoryless_mse")
+
+    def taken(args, dtype=torch.float32) -> bool:
+        observer = Observer.load_from_registry("memoryless_mse", base_name="weight", args=args)
+        with mock.patch.object(mse_search, "grid_search_mse_in_place",
+                               wraps=grid_search_mse_in_place) as spy, \
+                mock.patch.dict(ImplBackend._backends, {"_grid_search_mse": [
+                    (spy, mse_search._applies, 1)]}):
+            observer(weights.to(dtype)).get_qparams()
+        return spy.called
+
+    assert not taken(int_args)
+    with in_place_mse_search():
+        assert taken(int_args)
+        assert not taken(fp4_args)
+        assert not taken(int_args, torch.bfloat16)
+    assert not taken(int_args)
+
+
+@pytest.mark.parametrize("strategy", ["group", "channel"])
+def test_zero_coefficient_with_mse_clipping_is_stock_gptq_with_it(tiny_model_dir, strategy):
+    """End to end: ours takes the in-place search, stock GPTQ upstream's; the weights,
+    scales and zero points must be the same bits."""
+    weights = {"num_bits": 3, "type": "int", "symmetric": False, "strategy": strategy,
+               "observer": "memoryless_mse"}
+    if strategy == "group":
+        weights["group_size"] = 32
+    scheme = {"config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}
+    calls = []
+    original = mse_search.grid_search_mse_in_place
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    with mock.patch.dict(ImplBackend._backends, {"_grid_search_mse": [
+            (counting, mse_search._applies, 1)]}):
+        ours = run_oneshot(tiny_model_dir, [GPTAQModifier(ignore=IGNORE,
+                                                          asymmetric_coefficient=0.0, **scheme)],
+                           shuffle_calibration_samples=False)
+        assert calls, "our modifier did not take the in-place search"
+        taken = len(calls)
+        stock = run_oneshot(tiny_model_dir, [GPTQModifier(ignore=IGNORE, **scheme)],
+                            shuffle_calibration_samples=False)
+        assert len(calls) == taken, "stock GPTQ took the in-place search"
+    ours_state, stock_state = ours.state_dict(), stock.state_dict()
+    assert ours_state.keys() == stock_state.keys()
+    for key in stock_state:
+        assert torch.equal(ours_state[key], stock_state[key]), key
