@@ -996,3 +996,36 @@ def test_dynamic_group_scales_are_returned_and_used(method, symmetric):
                        result.quantized[0])
     # the caller's qparams are not modified in place
     assert torch.equal(layer["scale"], static_scale.double())
+
+
+@pytest.mark.parametrize("bits,symmetric", [(2, True), (3, False), (4, True), (4, False),
+                                            (8, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_column_quantization_is_compressed_tensors_fake_quantize(bits, symmetric, dtype):
+    """The loop quantizes integer columns itself: the same bits as fake_quantize,
+    including values exactly on rounding boundaries and far outside the range."""
+    from compressed_tensors.quantization import fake_quantize
+
+    from rescomp_modifiers.compensation import _ColumnQuantizer
+
+    args = QuantizationArgs(num_bits=bits, symmetric=symmetric, strategy="group",
+                            group_size=4)
+    generator = torch.Generator().manual_seed(bits)
+    batch, rows = 3, 257
+    scale = (torch.rand(batch, rows, 2, generator=generator) + 0.05).to(dtype)
+    levels = 2 ** bits
+    zero_point = (None if symmetric else
+                  torch.randint(0, levels, (batch, rows, 2), generator=generator).to(torch.int8))
+    quantizer = _ColumnQuantizer(scale, zero_point, None, torch.zeros(batch, 8, dtype=torch.long),
+                                 args, rows)
+    column_scale, column_zero = scale[..., 0], None if symmetric else zero_point[..., 0]
+    values = torch.randn(batch, rows, generator=generator, dtype=dtype) * levels * column_scale
+    # half-way between two levels (round half to even decides) and beyond the range
+    values[:, :40] = (torch.arange(40, dtype=dtype) - 20.5) * column_scale[:, :40]
+    values[:, 40] = 1e6
+    expected = fake_quantize(values.t(), column_scale.t(),
+                             None if symmetric else column_zero.t(),
+                             quantizer.column_args).t()
+    got = quantizer.quantize(values, column_scale, column_zero)
+    assert got.dtype == expected.dtype
+    assert torch.equal(got, expected)
