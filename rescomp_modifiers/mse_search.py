@@ -2,14 +2,16 @@
 
 The recommended default clips group scales with llm-compressor's ``memoryless_mse``
 weight observer, as the CAE paper did. On CPU its eager search
-(``llmcompressor.observers.mse_quant._grid_search_mse``) was about 14 s of a 110 s
-oneshot of the embedded model (W4 g64, 16 x 512 tokens): every shrink step allocates a
-fresh tensor the size of the weight for each of about ten operations, and memory that
-large is fresh pages each time. :func:`grid_search_mse_in_place` runs the same
-operations, in the same order and on the same layout, in one reused buffer: every
-element and every per-group sum is computed exactly as upstream computes it, so the
-chosen ranges are bit-identical (``tests/test_mse_search.py`` compares them on the
-embedded model's weights and on random ones) and it takes about half the time.
+(``llmcompressor.observers.mse_quant._grid_search_mse``) takes about 16 s of the
+embedded model's oneshot (30 layers, W4 g64, one core; GPTQ's whole oneshot takes 69 s):
+every shrink step allocates a fresh tensor the size of the weight for each of about ten
+operations, each streamed through memory. :func:`grid_search_mse_in_place` runs the same
+operations, in the same order and on the same layout, in one reused buffer, a cache-sized
+chunk of rows at a time: every element and every per-group sum is computed exactly as
+upstream computes it, so the chosen ranges are bit-identical (``tests/test_mse_search.py``
+compares them on the embedded model's weights and on random ones), in half the time (one
+core, W4 g64: a 1536 x 576 weight 66 ms against upstream's 137 ms; a layer of the
+embedded model 0.27 s against 0.55 s).
 
 It plugs into upstream's own dispatch point for this search (compressed-tensors'
 ``ImplBackend``, where upstream registers its Triton kernel for CUDA), and only inside
@@ -59,6 +61,12 @@ def _applies(observed: torch.Tensor, args, *_args, **_kwargs) -> bool:
     )
 
 
+#: elements per chunk of rows: a chunk and its buffer stay in a core's L2 cache through
+#: the ten passes of a step (measured: 1 MiB chunks 66 ms, the whole 1536 x 576 weight
+#: at once 85 ms, 64 KiB chunks 82 ms)
+CHUNK_ELEMENTS = 262144
+
+
 @torch.no_grad()
 def grid_search_mse_in_place(observed: torch.Tensor, args, token_args, maxshrink: float,
                              patience: int, grid: float, norm: float,
@@ -70,6 +78,8 @@ def grid_search_mse_in_place(observed: torch.Tensor, args, token_args, maxshrink
     ``(p min, p max)`` is scored by ``sum |fake_quantize(x) - x| ** norm`` over its
     values, and the first best one is kept. Fake quantization is compressed-tensors'
     ``_quantize_dequantize``: ``(clamp(x / s + z, q_min, q_max).round() - z) * s``.
+    A weight (one observation) is scored in chunks of rows: each range's values and
+    sum lie within one row, so the chunks change no number.
 
     :param observed: ``[observations, *qparams_shape, group_size]``
     :return: the chosen ``(min, max)``, ``qparams_shape`` each
@@ -79,8 +89,13 @@ def grid_search_mse_in_place(observed: torch.Tensor, args, token_args, maxshrink
     max_val = torch.amax(observed, dim=(0, -1)) * expand
     best_error = torch.full_like(min_val, torch.finfo(min_val.dtype).max)
     best_min, best_max = min_val.clone(), max_val.clone()
-    q_min, q_max = calculate_range(args, observed.device)
-    values = torch.empty_like(observed)
+    # clamping to numbers, not to 0-d tensors: the same values, a faster kernel
+    q_min, q_max = (float(bound) for bound in calculate_range(args, observed.device))
+    rows = observed.shape[1]
+    chunk_rows = (max(1, CHUNK_ELEMENTS // observed[0, 0].numel())
+                  if observed.shape[0] == 1 else rows)  # a slice of several is not contiguous
+    buffer = torch.empty_like(observed[:, :chunk_rows])
+    error = torch.empty_like(min_val)
     stale = 0
     for step in range(int(maxshrink * grid)):
         p = 1 - step / grid
@@ -89,16 +104,20 @@ def grid_search_mse_in_place(observed: torch.Tensor, args, token_args, maxshrink
             min_vals=shrunk_min, max_vals=shrunk_max, quantization_args=args, global_scale=None
         )
         scale = scale.unsqueeze(-1)
-        torch.div(observed, scale, out=values)
         if zero_point is not None:
             zero_point = zero_point.unsqueeze(-1).to(observed.dtype)
-            values += zero_point
-        torch.clamp(values, q_min, q_max, out=values).round_()
-        if zero_point is not None:
-            values -= zero_point
-        values *= scale
-        values -= observed
-        error = values.abs_().pow_(norm).sum(dim=(0, -1))
+        for start in range(0, rows, chunk_rows):
+            part = slice(start, min(rows, start + chunk_rows))
+            values, chunk = buffer[:, :part.stop - start], observed[:, part]
+            torch.div(chunk, scale[part], out=values)
+            if zero_point is not None:
+                values += zero_point[part]
+            values.clamp_(q_min, q_max).round_()
+            if zero_point is not None:
+                values -= zero_point[part]
+            values *= scale[part]
+            values -= chunk
+            torch.sum(values.abs_().pow_(norm), dim=(0, -1), out=error[part])
         improved = error < best_error
         if torch.any(improved):
             best_error = torch.where(improved, error, best_error)

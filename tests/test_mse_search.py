@@ -47,7 +47,11 @@ SETTINGS = list(itertools.product([2, 3, 4, 8], [True, False], [("group", 16), (
 
 
 @pytest.mark.parametrize("bits,symmetric,strategy", SETTINGS)
-def test_same_ranges_as_upstream_on_random_weights(bits, symmetric, strategy):
+@pytest.mark.parametrize("chunk_elements", [mse_search.CHUNK_ELEMENTS, 1000])
+def test_same_ranges_as_upstream_on_random_weights(bits, symmetric, strategy, chunk_elements,
+                                                   monkeypatch):
+    """One chunk of rows, and several with a ragged last one."""
+    monkeypatch.setattr(mse_search, "CHUNK_ELEMENTS", chunk_elements)
     generator = torch.Generator().manual_seed(bits)
     weights = torch.randn(48, 128, generator=generator)
     weights[:, 5] *= 8  # outliers, so that clipping pays
@@ -66,6 +70,20 @@ def test_same_ranges_as_upstream_with_other_observer_options(observer_kwargs):
     args = QuantizationArgs(num_bits=3, symmetric=False, strategy="group", group_size=32,
                             observer="memoryless_mse")
     assert_same_search(weights, args, **observer_kwargs)
+
+
+def test_same_ranges_as_upstream_over_several_observations():
+    """Activation-shaped input (several observations per range): scored whole."""
+    generator = torch.Generator().manual_seed(2)
+    observed = torch.randn(3, 40, 2, 16, generator=generator)
+    args = QuantizationArgs(num_bits=4, symmetric=False, strategy="group", group_size=16,
+                            observer="memoryless_mse")
+    observer = Observer.load_from_registry("memoryless_mse", base_name="weight", args=args)
+    positional = (observed, args, observer._token_args)
+    options = dict(maxshrink=0.2, patience=5, grid=100.0, norm=2.4, triton_error_buffer=0.3)
+    for ours, theirs in zip(grid_search_mse_in_place(*positional, **options),
+                            upstream_search(*positional, **options)):
+        assert torch.equal(ours, theirs)
 
 
 def test_only_inside_the_block_and_only_where_checked():
