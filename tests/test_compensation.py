@@ -945,6 +945,11 @@ def _call(**overrides):
         (dict(hessians=_with_entry(torch.eye(32)[None], (0, 3, 3), math.nan)),
          "H contains NaN or Inf"),
         (dict(asymmetry=torch.full((1, 32, 32), math.inf)), "D contain NaN or Inf"),
+        # +Inf and -Inf, whose sum is NaN, and a lone -Inf
+        (dict(hessians=_with_entry(_with_entry(torch.eye(32)[None], (0, 1, 2), math.inf),
+                                   (0, 2, 1), -math.inf)), "H contains NaN or Inf"),
+        (dict(asymmetry=_with_entry(torch.zeros(1, 32, 32), (0, 5, 9), -math.inf)),
+         "D contain NaN or Inf"),
         (dict(asymmetry=torch.zeros(1, 16, 16)), "asymmetry statistics D must have"),
         (dict(original_weights=torch.randn(1, 8, 16)), "original_weights must have"),
         (dict(quant_args=int_args(4, "group", 24)), "does not divide"),
@@ -954,7 +959,7 @@ def _call(**overrides):
               terms=CompensationTerms(group_scales="dynamic")), "strategy 'group'"),
     ],
     ids=["columns_mismatch", "batch_mismatch", "non_square_h", "weights_2d", "nan_h",
-         "inf_d", "d_shape", "w0_shape", "group_size", "token_strategy",
+         "inf_d", "opposite_infs_h", "negative_inf_d", "d_shape", "w0_shape", "group_size", "token_strategy",
          "dynamic_channel"],
 )
 def test_bad_input_raises_clear_value_error(overrides, message):
