@@ -179,7 +179,9 @@ def table(root: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None)
+    parser.add_argument("--model", default=None,
+                        help="as rescomp compare's: default SmolLM2-135M-Instruct; "
+                             "Qwen2.5-Coder-0.5B-Instruct is the second model")
     parser.add_argument("--variants", nargs="+", default=["gptq", "gptq_mse", "recommended"],
                         help=f"method names of rescomp compare, or {sorted(VARIANTS)}")
     parser.add_argument("--bits", type=int, nargs="+", default=[3])

