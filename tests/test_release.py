@@ -4,29 +4,22 @@ import gc
 import weakref
 
 import pytest
-from llmcompressor import oneshot
 from llmcompressor.modifiers.gptq import GPTQModifier
-from transformers import AutoModelForCausalLM
 
 from rescomp_modifiers import CAEModifier
 from rescomp_modifiers.release import releasing_oneshot_models
 
-from conftest import calibration_dataset
+from test_modifiers import GROUP32, run_oneshot
 
-SCHEME = {"group_0": {"targets": ["Linear"], "weights": {
-    "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}}}
 RECIPES = {
-    "stock GPTQ": lambda: [GPTQModifier(ignore=["lm_head"], config_groups=SCHEME)],
-    "CAE": lambda: [CAEModifier(ignore=["lm_head"], config_groups=SCHEME)],
+    "stock GPTQ": lambda: [GPTQModifier(ignore=["lm_head"], config_groups=GROUP32)],
+    "CAE": lambda: [CAEModifier(ignore=["lm_head"], config_groups=GROUP32)],
 }
 
 
 def quantize(model_dir, recipe) -> weakref.ref:
     """One oneshot; returns only a weak reference to its model."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    oneshot(model=model, dataset=calibration_dataset(), recipe=recipe, max_seq_length=32,
-            num_calibration_samples=8)
-    return weakref.ref(model)
+    return weakref.ref(run_oneshot(model_dir, recipe))
 
 
 @pytest.mark.parametrize("name", RECIPES)
