@@ -3,12 +3,15 @@
 ``import rescomp_modifiers`` registers ``GPTAQModifier``, ``CAEModifier`` and
 ``FOEMModifier`` with llm-compressor's ``ModifierFactory`` (so YAML recipes that name
 them parse) and the ``dual_stream`` calibration pipeline, which ``oneshot`` then picks
-by itself for modifiers that need the full-precision stream. Importing twice is
+by itself for modifiers that need the full-precision stream, and makes
+compressed-tensors' dynamic activation quantizers honour a scheme's
+``observer_kwargs: {clip_ratio: r}`` (activation_clipping.py). Importing twice is
 harmless.
 """
 
 from llmcompressor.modifiers.factory import ModifierFactory
 
+from rescomp_modifiers.activation_clipping import install_activation_clipping
 from rescomp_modifiers.checkpoint import register_yaml_enums
 from rescomp_modifiers.compensation import (
     CompensationTerms,
@@ -39,3 +42,4 @@ for _modifier in (GPTAQModifier, CAEModifier, FOEMModifier):
     ModifierFactory.register(_modifier.__name__, _modifier)
 install_pipeline_inference()
 register_yaml_enums()
+install_activation_clipping()

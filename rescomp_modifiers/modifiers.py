@@ -33,6 +33,7 @@ from loguru import logger
 from pydantic import PrivateAttr, field_validator
 from torch import distributed as dist
 
+from rescomp_modifiers.activation_clipping import activation_clip_ratio
 from rescomp_modifiers.activation_statistics import (
     GroupedStatistics,
     SharedSums,
@@ -271,6 +272,7 @@ class CompensationModifier(GPTQModifier):
                 "sequential_targets=['Linear'] for true-sequential GPTQ statistics."
             )
         self._check_finite_weights()
+        self._check_clip_ratios()
         self._warn_where_measured_worse_after_rotation(state.model)
         super().on_calibration_start(state, event, **kwargs)
         self._statistics.exact_hessian = self.exact_upstream_hessian
@@ -308,6 +310,22 @@ class CompensationModifier(GPTQModifier):
                     "The recommended recipes run plain GPTAQModifier with min-max clipping "
                     "after a rotation at 4+ bits (recipes/recommended/*_rot.yaml).")
                 return
+
+    def _check_clip_ratios(self) -> None:
+        """Refuse a clip ratio that would be ignored or meaningless before calibrating
+        (activation_clipping.py): it applies to dynamic activation quantizers only."""
+        config = self.resolve_quantization_config()
+        for name, scheme in config.config_groups.items():
+            for field in ("weights", "input_activations", "output_activations"):
+                try:
+                    activation_clip_ratio(getattr(scheme, field))
+                except ValueError as error:
+                    raise ValueError(f"{type(self).__name__}: config group {name!r}, "
+                                     f"{field}: {error}") from None
+        try:
+            activation_clip_ratio(config.kv_cache_scheme)
+        except ValueError as error:
+            raise ValueError(f"{type(self).__name__}: kv_cache_scheme: {error}") from None
 
     def _check_finite_weights(self) -> None:
         """Refuse NaN/Inf weights before any calibration, naming the modules: they

@@ -135,20 +135,25 @@ def test_observers_see_only_the_quantized_stream(tiny_model_dir, passes, monkeyp
     torch.testing.assert_close(actual, expected_logits, atol=1e-4, rtol=1e-4)
 
 
-def fake_quantize_per_token_int4(x: torch.Tensor) -> torch.Tensor:
-    """The oracle: symmetric per-token int4, levels -8..7, scale max|x| / 7.5."""
-    scale = x.abs().amax(dim=-1, keepdim=True) / 7.5
+def fake_quantize_per_token_int4(x: torch.Tensor, clip_ratio: float = 1.0) -> torch.Tensor:
+    """The oracle: symmetric per-token int4, levels -8..7, scale r * max|x| / 7.5 (the
+    papers' clipping ratio r; 1: none)."""
+    scale = clip_ratio * x.abs().amax(dim=-1, keepdim=True) / 7.5
     return torch.clamp(torch.round(x / scale), -8, 7) * scale
 
 
-@pytest.mark.parametrize("modifier", [GPTAQModifier, CAEModifier], ids=["gptaq", "gptaq_cae"])
+@pytest.mark.parametrize("modifier, clip_ratio", [
+    (GPTAQModifier, None), (CAEModifier, None), (GPTAQModifier, 0.9),
+], ids=["gptaq", "gptaq_cae", "gptaq_clip0.9"])
 def test_asymmetry_carries_the_activation_quantization_error(tiny_model_dir, passes,
-                                                             solver_calls, modifier):
+                                                             solver_calls, modifier, clip_ratio):
     names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj",
              "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     inputs = record_inputs(model, names, passes)
-    run(model, [modifier(ignore=IGNORE, config_groups=scheme(TOKEN_INT4))])
+    activations = TOKEN_INT4 if clip_ratio is None else {
+        **TOKEN_INT4, "observer_kwargs": {"clip_ratio": clip_ratio}}
+    run(model, [modifier(ignore=IGNORE, config_groups=scheme(activations))])
 
     dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     dense_inputs = record_inputs(dense, names, lambda: "dense")
@@ -158,7 +163,8 @@ def test_asymmetry_carries_the_activation_quantization_error(tiny_model_dir, pas
         full = torch.cat(inputs[(name, "fp")]).double()
         # in the input's float32, as the model quantizes: each token's largest entry
         # sits exactly on a rounding tie (max|x| / scale = 7.5), decided by the last bit
-        quantized = fake_quantize_per_token_int4(torch.cat(inputs[(name, "calibrate")]))
+        quantized = fake_quantize_per_token_int4(torch.cat(inputs[(name, "calibrate")]),
+                                                 clip_ratio or 1.0)
         quantized = quantized.double()
         # nothing is quantized in the FP stream: it is the dense model's
         torch.testing.assert_close(full, dense_inputs[(name, "dense")][0].double(),

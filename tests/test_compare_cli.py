@@ -177,7 +177,8 @@ def test_a_fingerprint_from_before_rotation_and_activation_settings_resumes(
 
     path = previous_run / "fingerprint.json"
     fingerprint = json.loads(path.read_text())
-    for key in ("rotation", "rotation_block_size", "activation_bits", "kv_bits"):
+    for key in ("rotation", "rotation_block_size", "activation_bits", "kv_bits",
+                "activation_clip_ratio"):
         del fingerprint["settings"][key]
     path.write_text(json.dumps(fingerprint))
     before = _snapshot(previous_run)["results.jsonl"]
@@ -444,9 +445,25 @@ def test_low_bit_settings_build_rotation_activation_and_kv_quantization():
     activations = modifier.config_groups["group_0"].input_activations
     assert (activations.num_bits, activations.strategy, activations.dynamic) == (4, "token", True)
     assert modifier.kv_cache_scheme.num_bits == 8
+    assert activations.observer_kwargs == {}
+    clipped = CompareConfig(activation_bits=4, activation_clip_ratio=0.9)
+    (modifier,) = build_recipe("gptaq", clipped)
+    assert modifier.config_groups["group_0"].input_activations.observer_kwargs == {
+        "clip_ratio": 0.9}
     (plain,) = build_recipe("gptq", CompareConfig())
     assert plain.config_groups["group_0"].input_activations is None
     assert plain.kv_cache_scheme is None
+
+
+def test_a_recipe_is_checked_for_the_clip_ratio_too():
+    """A recipe's clipped activations match only a comparison with the same ratio."""
+    from rescomp_harness.compare import _recipe_setting, _setting_of, build_recipe
+
+    clipped = CompareConfig(activation_bits=4, activation_clip_ratio=0.9)
+    found = _recipe_setting(build_recipe("gptaq", clipped))
+    assert found["input activations"] == {"4 bits, clipped to 0.9"}
+    assert found["input activations"] == {_setting_of(clipped)["input activations"]}
+    assert _setting_of(CompareConfig(activation_bits=4))["input activations"] == "4 bits"
 
 
 def test_a_rotated_w4a8_kv8_comparison_runs(inputs, tmp_path):
@@ -463,6 +480,8 @@ def test_a_rotated_w4a8_kv8_comparison_runs(inputs, tmp_path):
     ("rotation_block_size", 48, "power of two"),
     ("activation_bits", 6, "--activation-bits must be 4, 8 or 16"),
     ("kv_bits", 2, "--kv-bits must be 4, 8 or 16"),
+    ("activation_clip_ratio", 1.2, "--activation-clip-ratio must be in"),
+    ("activation_clip_ratio", 0.9, "give --activation-bits 4 or 8 too"),
 ])
 def test_low_bit_settings_are_validated(flag, value, message):
     from rescomp_harness.compare import validate_config

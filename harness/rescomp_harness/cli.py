@@ -40,6 +40,11 @@ def _compare_parser(sub) -> None:
                         help="input activations, dynamic per token (16: weight-only)")
     parser.add_argument("--kv-bits", type=int, default=defaults.kv_bits,
                         help="KV cache, static integer (16: unquantized)")
+    parser.add_argument("--activation-clip-ratio", type=float,
+                        default=defaults.activation_clip_ratio,
+                        help="share of each token's activation range kept, values beyond it "
+                             "clamped (the papers use 0.9 at 4 bits; 1: no clipping; vLLM "
+                             "does not apply it)")
     parser.add_argument("--semantics", choices=["released", "paper"], default=defaults.semantics,
                         help="update semantics of our modifiers (README: semantics)")
     parser.add_argument("--calibration", default=defaults.calibration,

@@ -113,6 +113,9 @@ class CompareConfig:
     activation_bits: int = 16
     #: KV-cache bits (static integer); 16: unquantized
     kv_bits: int = 16
+    #: share of each token's activation range kept (the papers' 0.9 at 4 bits; 1: none),
+    #: saved as ``input_activations.observer_kwargs.clip_ratio`` (activation_clipping.py)
+    activation_clip_ratio: float = 1.0
 
 
 def _flag(name: str) -> str:
@@ -152,6 +155,13 @@ def validate_config(config: CompareConfig) -> None:
         if getattr(config, name) not in (4, 8, 16):
             raise InvalidComparison(f"{_flag(name)} must be 4, 8 or 16 (16: not quantized); got "
                                     f"{getattr(config, name)!r}")
+    ratio = config.activation_clip_ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise InvalidComparison(f"--activation-clip-ratio must be in (0, 1] (the share of each "
+                                f"token's range kept; 1: no clipping); got {ratio!r}")
+    if ratio != 1 and config.activation_bits == 16:
+        raise InvalidComparison("--activation-clip-ratio clips quantized input activations: "
+                                "give --activation-bits 4 or 8 too")
     if config.semantics not in ("released", "paper"):
         raise InvalidComparison(f"--semantics must be 'released' or 'paper'; got {config.semantics!r}")
     unknown = [m for m in config.methods if m not in METHODS]
@@ -196,6 +206,11 @@ def _scheme(config: CompareConfig) -> dict:
     if config.activation_bits < 16:
         group["input_activations"] = {"num_bits": config.activation_bits, "type": "int",
                                       "symmetric": True, "strategy": "token", "dynamic": True}
+        if config.activation_clip_ratio != 1:
+            from rescomp_modifiers.activation_clipping import CLIP_RATIO
+
+            group["input_activations"]["observer_kwargs"] = {
+                CLIP_RATIO: config.activation_clip_ratio}
     return {"group_0": group}
 
 
@@ -487,11 +502,16 @@ def _setting_of(config: CompareConfig) -> dict[str, str]:
         "weights": (f"W{config.bits} {'g' + str(config.group_size) if config.group_size else 'per channel'} "
                     f"{'symmetric' if config.symmetric else 'asymmetric'}"),
         "input activations": ("unquantized" if config.activation_bits == 16
-                              else f"{config.activation_bits} bits"),
+                              else _activation_words(config.activation_bits,
+                                                     config.activation_clip_ratio)),
         "KV cache": "unquantized" if config.kv_bits == 16 else f"{config.kv_bits} bits",
         "rotation": "none" if config.rotation == "none" else _rotation_words(
             "SpinQuantModifier", _SPINQUANT_ROTATIONS, config.rotation_block_size),
     }
+
+
+def _activation_words(bits: int, clip_ratio: float | None) -> str:
+    return f"{bits} bits" + ("" if clip_ratio in (None, 1) else f", clipped to {clip_ratio:g}")
 
 
 def _rotation_words(modifier: str, rotations: list[str] | None, block_size: int | None) -> str:
@@ -505,6 +525,8 @@ def _recipe_setting(modifiers) -> dict[str, set[str]]:
     weight schemes (empty if it quantizes nothing), input-activation and KV-cache bits,
     and its rotation modifiers ("none" if it has none)."""
     from llmcompressor.modifiers.transform import QuIPModifier, SpinQuantModifier
+
+    from rescomp_modifiers.activation_clipping import activation_clip_ratio
 
     found = {"weights": set(), "input activations": set(), "KV cache": set(), "rotation": set()}
     for modifier in modifiers:
@@ -525,8 +547,9 @@ def _recipe_setting(modifiers) -> dict[str, set[str]]:
                 found["weights"].add(f"W{weights.num_bits} {grouping} "
                                      f"{'symmetric' if weights.symmetric else 'asymmetric'}")
             activations = scheme.input_activations
-            found["input activations"].add("unquantized" if activations is None
-                                           else f"{activations.num_bits} bits")
+            found["input activations"].add(
+                "unquantized" if activations is None
+                else _activation_words(activations.num_bits, activation_clip_ratio(activations)))
         kv_cache = resolved.kv_cache_scheme
         found["KV cache"].add("unquantized" if kv_cache is None else f"{kv_cache.num_bits} bits")
     found["rotation"] = found["rotation"] or {"none"}
@@ -593,7 +616,7 @@ def _documents_digest(documents) -> str:
 # settings added to CompareConfig after fingerprint format 1, with the value every run
 # before them had (rotation and activation/KV quantization did not exist)
 _SETTINGS_ADDED_LATER = {"rotation": "none", "rotation_block_size": None,
-                         "activation_bits": 16, "kv_bits": 16}
+                         "activation_bits": 16, "kv_bits": 16, "activation_clip_ratio": 1.0}
 
 
 def _fingerprint_changes(previous: dict, current: dict) -> list[str]:
@@ -757,6 +780,7 @@ def summarize(records: list[dict], config: CompareConfig) -> str:
         f"W{config.bits}"
         f"{f'A{config.activation_bits}' if config.activation_bits < 16 else ''}"
         f"{f'KV{config.kv_bits}' if config.kv_bits < 16 else ''}"
+        f"{f' (activations clipped to {config.activation_clip_ratio:g})' if config.activation_clip_ratio != 1 else ''}"
         f"{' rotated (SpinQuant R1+R2)' if config.rotation != 'none' else ''} "
         f"{f'g{config.group_size}' if config.group_size else 'per-channel'} "
         f"{'sym' if config.symmetric else 'asym'}, "
