@@ -6,6 +6,8 @@ median over rounds and the ratio to GPTQ measured in the same run.
 
     python benchmarks/oneshot_cost.py                      # embedded default model
     python benchmarks/oneshot_cost.py --model DIR --samples 64 --seq-len 512 --rounds 3
+    python benchmarks/oneshot_cost.py --rotation spinquant --rotation-block-size 64 \
+        --methods gptq gptaq gptaq_cae        # rotated runs (the rotation timed in both)
 
 Targets: GPTAQ+CAE at most 1.3x GPTQ's wall time and 1.6x its peak memory; the recommended
 default (GPTAQ+CAE with MSE clipping and the GPTQ guard), everything included, at most 1.5x.
@@ -23,6 +25,9 @@ import time
 
 METHODS = ["gptq", "gptq_mse", "gptaq", "gptaq_cae", "gptq_cae", "foem", "recommended",
            "recommended_true_sequential"]
+# the quantization setting, as `rescomp compare` names it (CompareConfig fields)
+SETTINGS = ("bits", "group_size", "rotation", "rotation_block_size", "activation_bits",
+            "kv_bits")
 
 
 def worker(args) -> None:
@@ -41,7 +46,7 @@ def worker(args) -> None:
     dataset = calibration_dataset(tokenizer, brown_documents(), args.samples, args.seq_len, seed=0)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     # the same modifiers `rescomp compare` builds for these method names
-    recipe = build_recipe(args.worker, CompareConfig(bits=args.bits, group_size=args.group_size))
+    recipe = build_recipe(args.worker, CompareConfig(**{name: getattr(args, name) for name in SETTINGS}))
     if torch.cuda.is_available():
         model.cuda()
         torch.cuda.reset_peak_memory_stats()
@@ -68,6 +73,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--rotation", choices=["none", "spinquant"], default="none")
+    parser.add_argument("--rotation-block-size", type=int, default=None,
+                        help="Hadamard block size (64 for 576-wide models such as SmolLM2)")
+    parser.add_argument("--activation-bits", type=int, default=16)
+    parser.add_argument("--kv-bits", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=METHODS[:-1], choices=METHODS)
     parser.add_argument("--sequential-targets", nargs="+", default=None,
@@ -78,8 +88,10 @@ def main() -> None:
         return worker(args)
 
     results: dict[str, list[dict]] = {m: [] for m in args.methods}
-    passthrough = ["--samples", str(args.samples), "--seq-len", str(args.seq_len),
-                   "--bits", str(args.bits), "--group-size", str(args.group_size)]
+    passthrough = ["--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+    for name in SETTINGS:
+        if getattr(args, name) is not None:
+            passthrough += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     if args.model:
         passthrough += ["--model", args.model]
     if args.sequential_targets:
@@ -102,7 +114,10 @@ def main() -> None:
 
     base_wall, base_rss = median("gptq", "wall_s"), median("gptq", "peak_rss_mib")
     base_added = base_rss - median("gptq", "rss_before_mib")
-    print(f"\noneshot cost, {args.samples} x {args.seq_len} tokens, W{args.bits} g{args.group_size}, "
+    setting = (f"W{args.bits}" + (f"A{args.activation_bits}" if args.activation_bits < 16 else "")
+               + (f"KV{args.kv_bits}" if args.kv_bits < 16 else "") + f" g{args.group_size}"
+               + (f", rotated ({args.rotation})" if args.rotation != "none" else ""))
+    print(f"\noneshot cost, {args.samples} x {args.seq_len} tokens, {setting}, "
           f"median of {args.rounds} rounds\n")
     print("| method | wall s | x GPTQ | peak RSS MiB | x GPTQ | RSS added by oneshot MiB | x GPTQ | CUDA peak MiB |")
     print("|---|---|---|---|---|---|---|---|")

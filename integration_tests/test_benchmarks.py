@@ -22,3 +22,20 @@ def test_cost_curve_runs(capsys):
                  "--group-size", "32", "--rounds", "1"])
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 128 |")]
     assert len(table) == 1 and len(table[0].split("|")) == 11
+
+
+def test_oneshot_cost_runs_rotated_with_quantized_activations():
+    """The side-by-side oneshot cost on the embedded model, rotated and with quantized
+    activations, at a toy size: every method's row and its ratio to GPTQ are printed."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "oneshot_cost.py"), "--samples", "2", "--seq-len", "32",
+         "--rounds", "1", "--methods", "gptq", "gptaq", "--rotation", "spinquant",
+         "--rotation-block-size", "64", "--activation-bits", "8"],
+        capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "W4A8 g64, rotated (spinquant)" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| gptq |", "| gptaq |"))]
+    assert len(rows) == 4  # both tables
