@@ -66,13 +66,23 @@ def served(tmp_path_factory):
         model.save_pretrained(root / name, save_compressed=True)
         tokenizer.save_pretrained(root / name)
         checkpoints[name] = str(root / name)
-    results = serve_and_measure(
-        checkpoints, [prompt for prompt, _ in SANITY], [d.text for d in split.evaluation],
-        max_tokens=12, window=512, max_windows=16, choices=CLOZE,
-        log_file=root / "vllm_worker.log",
-    )
+    def serve(names, max_windows, log_name):
+        return serve_and_measure(
+            {name: checkpoints[name] for name in names}, [prompt for prompt, _ in SANITY],
+            [d.text for d in split.evaluation], max_tokens=12, window=512,
+            max_windows=max_windows, choices=CLOZE, log_file=root / log_name)
+
+    results = serve(["dense", "w4a16_rot", "w8a8"], 16, "vllm_worker.log")
+    # vLLM-CPU's dynamic 4-bit kernel scores a 512-token window of prompt log-probs in
+    # about 30 s (measured: 16 windows took 8 min), so W4A8 is served on its own with
+    # 4 windows, beside the dense model on the same 4 windows
+    w4a8 = serve(["dense", "w4a8"], 4, "vllm_worker_w4a8.log")
+    results["models"]["w4a8"] = w4a8["models"]["w4a8"]
+    results["dense_on_w4a8_windows"] = w4a8["models"]["dense"]
+    results["errors"] = {**results["errors"], **w4a8["errors"]}
+    results["exit_codes"] = [results["exit_code"], w4a8["exit_code"]]
     results["checkpoints"] = checkpoints
-    print(json.dumps({k: results[k] for k in ("kernel_log", "exit_code")}, indent=1))
+    print(json.dumps({k: results[k] for k in ("kernel_log", "exit_codes")}, indent=1))
     return results
 
 
@@ -96,7 +106,8 @@ def test_checkpoints_carry_their_scheme(served):
 
 def test_served_with_cpu_kernels(served):
     assert not served["errors"], served["errors"]
-    assert served["exit_code"] in (0, 134, -6)  # 134: vLLM's abort at exit, results complete
+    # 134: vLLM's abort at exit, results complete
+    assert all(code in (0, 134, -6) for code in served["exit_codes"]), served["exit_codes"]
     for name, kernel in KERNELS.items():  # 30 layers x (qkv, o, gate_up, down)
         assert served["models"][name]["linear_kernels"] == {kernel: 120}, served["models"][name]
         assert all(a.strip() for a in served["models"][name]["generations"])
@@ -109,8 +120,12 @@ def test_cloze_ranks_the_right_capital_first(served, name):
 
 def test_perplexity_close_to_dense(served):
     ppl = {name: m["perplexity"]["perplexity"] for name, m in served["models"].items()}
-    print("vLLM prompt-logprob perplexity:", ppl)
-    assert all(math.isfinite(p) for p in ppl.values())
-    assert ppl["dense"] < ppl["w4a16_rot"]
+    # each checkpoint against the dense model on the windows it was scored on
+    dense = {name: ppl["dense"] for name in ppl}
+    dense["w4a8"] = served["dense_on_w4a8_windows"]["perplexity"]["perplexity"]
+    print("vLLM prompt-logprob perplexity:", ppl, "dense on W4A8's windows:", dense["w4a8"])
+    assert all(math.isfinite(p) for p in [*ppl.values(), dense["w4a8"]])
+    for name in ("w4a16_rot", "w4a8"):
+        assert dense[name] < ppl[name]
     for name, ratio in MAX_PPL_RATIO.items():
-        assert ppl[name] <= ratio * ppl["dense"], ppl
+        assert ppl[name] <= ratio * dense[name], (ppl, dense)
