@@ -315,17 +315,15 @@ class CompensationModifier(GPTQModifier):
         """Refuse a clip ratio that would be ignored or meaningless before calibrating
         (activation_clipping.py): it applies to dynamic activation quantizers only."""
         config = self.resolve_quantization_config()
-        for name, scheme in config.config_groups.items():
-            for field in ("weights", "input_activations", "output_activations"):
-                try:
-                    activation_clip_ratio(getattr(scheme, field))
-                except ValueError as error:
-                    raise ValueError(f"{type(self).__name__}: config group {name!r}, "
-                                     f"{field}: {error}") from None
-        try:
-            activation_clip_ratio(config.kv_cache_scheme)
-        except ValueError as error:
-            raise ValueError(f"{type(self).__name__}: kv_cache_scheme: {error}") from None
+        quantizers = {f"config group {name!r}, {field}": getattr(scheme, field)
+                      for name, scheme in config.config_groups.items()
+                      for field in ("weights", "input_activations", "output_activations")}
+        quantizers["kv_cache_scheme"] = config.kv_cache_scheme
+        for where, args in quantizers.items():
+            try:
+                activation_clip_ratio(args)
+            except ValueError as error:
+                raise ValueError(f"{type(self).__name__}: {where}: {error}") from None
 
     def _check_finite_weights(self) -> None:
         """Refuse NaN/Inf weights before any calibration, naming the modules: they

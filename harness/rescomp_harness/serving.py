@@ -177,10 +177,12 @@ def checkpoint_servable(path: str | os.PathLike) -> tuple[bool, str]:
     if kv_cache and kv_cache.get("type") == "int":
         return False, ("an integer KV cache: vLLM takes only an 8-bit float KV cache "
                        "(evaluate it through transformers)")
+    from rescomp_modifiers.activation_clipping import CLIP_RATIO
+
     for name, group in groups.items():
-        if "clip_ratio" in ((group.get("input_activations") or {}).get("observer_kwargs") or {}):
+        if CLIP_RATIO in ((group.get("input_activations") or {}).get("observer_kwargs") or {}):
             return False, (f"group {name}: input activations clipped (observer_kwargs."
-                           "clip_ratio), which vLLM does not apply: served, they would run "
+                           f"{CLIP_RATIO}), which vLLM does not apply: served, they would run "
                            "unclipped (evaluate it through transformers)")
     if any(g.get("input_activations") for g in groups.values()):
         return _int8_activations_servable(groups, qconfig)
