@@ -58,6 +58,12 @@ METHODS: dict[str, Method] = {
         Method("gptq_mse", "GPTQ (llm-compressor, MSE clipping)", "GPTQModifier",
                description="stock GPTQModifier with the MSE weight observer",
                ships_recipes=False, weight_observer="memoryless_mse"),
+        # llm-compressor 0.14's strongest stock clipping on some models and bits: the
+        # range searched by an MSE weighted with each input channel's E[x^2] (llama.cpp's
+        # importance matrix); which stock observer wins depends on model and bits
+        Method("gptq_imatrix", "GPTQ (llm-compressor, imatrix clipping)", "GPTQModifier",
+               description="stock GPTQModifier with the imatrix_mse weight observer",
+               ships_recipes=False, weight_observer="imatrix_mse"),
         Method("gptq_cae", "GPTQ+CAE", "CAEModifier", {"statistics": "gptq"},
                "GPTQ + CAE (Algorithm 2; no full-precision stream needed)"),
         Method("gptaq", "GPTAQ", "GPTAQModifier", {},

@@ -70,7 +70,7 @@ def _plugin_method_vocabulary():
 _VOCABULARY = _plugin_method_vocabulary()
 METHODS = {name: method.label for name, method in _VOCABULARY.METHODS.items()}
 #: what a comparison runs when no --methods are named
-DEFAULT_METHODS = ["rtn", "gptq", "gptq_mse", "gptaq_cae", "recommended"]
+DEFAULT_METHODS = ["rtn", "gptq", "gptq_mse", "gptq_imatrix", "recommended"]
 #: bit widths the integer group quantization is run and compared at
 BITS_RANGE = range(2, 9)
 
@@ -376,7 +376,7 @@ def run_comparison(config: CompareConfig) -> Path:
         quantize_seconds = time.perf_counter() - started
         return {"method": method, "seed": seed, "scores": evaluate(model),
                 "drift": layer_drift(dense, model, inputs.drift_windows),
-                "seconds": quantize_seconds}
+                "seconds": quantize_seconds, "revision": code_revision()}
 
     methods = list(config.methods) + [f"recipe:{r}" for r in config.recipes]
     runs = [(m, s) for s in config.seeds for m in methods if (m, s) not in done]
@@ -390,6 +390,25 @@ def run_comparison(config: CompareConfig) -> Path:
     (out / "summary.md").write_text(summarize(records, config))
     plot(records, out, config)
     return out
+
+
+def code_revision() -> str:
+    """The plugin's git commit (``+dirty`` with uncommitted changes), recorded with each
+    result so a table generated from the records names the code that produced it;
+    ``unknown`` outside a git checkout (an installed wheel)."""
+    import subprocess
+
+    import rescomp_modifiers
+
+    root = Path(rescomp_modifiers.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=root,
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty.strip() else "")
 
 
 def _load_inputs(config: CompareConfig) -> _Inputs:
