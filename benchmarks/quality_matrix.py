@@ -63,6 +63,25 @@ VARIANTS = {
     "foem_f0.1": ("FOEMModifier", {"first_order_coefficient": 0.1}),
     "foem_f0.05": ("FOEMModifier", {"first_order_coefficient": 0.05}),
     "gptaq_guard": ("GPTAQModifier", {"guard": "gptq"}),
+    # clipping (issue: beat the best stock observer): llm-compressor's imatrix_mse under
+    # our modifiers, and the solver's own searches (rescomp_modifiers/clipping.py) with
+    # plain GPTQ terms (CAE on GPTQ statistics with b = 0 is GPTQ) and with the default's
+    "gptaq_cae_imatrix": ("CAEModifier", {"observer": "imatrix_mse"}),
+    "recommended_imatrix": ("CAEModifier", {"guard": "gptq", "observer": "imatrix_mse",
+                                            "candidate_row_stride": 4}),
+    "gptq_clip_uncompensable": ("CAEModifier", {"statistics": "gptq",
+                                                "compensation_aware_coefficient": 0.0,
+                                                "clipping": "uncompensable"}),
+    "gptq_clip_hessian_block": ("CAEModifier", {"statistics": "gptq",
+                                                "compensation_aware_coefficient": 0.0,
+                                                "clipping": "hessian_block"}),
+    "gptaq_cae_clip_uncompensable": ("CAEModifier", {"clipping": "uncompensable"}),
+    "recommended_clip_uncompensable": ("CAEModifier", {"guard": "gptq",
+                                                       "clipping": "uncompensable",
+                                                       "candidate_row_stride": 4}),
+    "recommended_clip_hessian_block": ("CAEModifier", {"guard": "gptq",
+                                                       "clipping": "hessian_block",
+                                                       "candidate_row_stride": 4}),
 }
 
 

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 import torch
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 
+from rescomp_modifiers.upstream import observer_hook_handles
+
 __all__ = ["FullPrecisionWeights", "Stage", "StageComplete", "discover_stages",
            "stage_hooks", "stop_after"]
 
@@ -127,6 +129,8 @@ def stage_hooks(modifiers, stage: Stage):
         keep = handles - _handles_on(handles, stage.earlier)
     else:
         keep = _handles_on(handles, stage.modules)
+    # observers' own hooks (imatrix_mse's importance) follow their module's stage
+    keep |= observer_hook_handles(stage.modules)
     with HooksMixin.disable_hooks(keep=keep):
         yield
 
