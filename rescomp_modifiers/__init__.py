@@ -9,8 +9,6 @@ compressed-tensors' dynamic activation quantizers honour a scheme's
 harmless.
 """
 
-from llmcompressor.modifiers.factory import ModifierFactory
-
 from rescomp_modifiers.activation_clipping import install_activation_clipping
 from rescomp_modifiers.checkpoint import register_yaml_enums
 from rescomp_modifiers.compensation import (
@@ -21,8 +19,9 @@ from rescomp_modifiers.compensation import (
     compensate_weight,
 )
 from rescomp_modifiers.modifiers import CAEModifier, FOEMModifier, GPTAQModifier
-from rescomp_modifiers.pipeline import DualStreamPipeline, install_pipeline_inference, last_drift
+from rescomp_modifiers.pipeline import DualStreamPipeline, last_drift
 from rescomp_modifiers.release import releasing_oneshot_models
+from rescomp_modifiers.upstream import ModifierFactory
 
 __all__ = [
     "GPTAQModifier",
@@ -40,6 +39,5 @@ __all__ = [
 
 for _modifier in (GPTAQModifier, CAEModifier, FOEMModifier):
     ModifierFactory.register(_modifier.__name__, _modifier)
-install_pipeline_inference()
 register_yaml_enums()
 install_activation_clipping()

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import math
 
-import compressed_tensors.quantization.lifecycle.forward as _forward
 from compressed_tensors.quantization import DynamicType, QuantizationArgs
+
+from rescomp_modifiers.upstream import quantized_forward as _forward
 
 __all__ = ["CLIP_RATIO", "activation_clip_ratio", "install_activation_clipping"]
 

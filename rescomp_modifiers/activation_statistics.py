@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 import transformers
-from llmcompressor.modifiers.gptq.helpers import GPTQ_PRECISION
+
+from rescomp_modifiers.upstream import GPTQ_PRECISION
 
 __all__ = [
     "GroupedStatistics", "SharedSums", "StatisticsIncrements", "supports_shared_statistics",

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from compressed_tensors.distributed import is_source_process
 from compressed_tensors.quantization import (
     ActivationOrdering,
     QuantizationStrategy,
@@ -26,7 +25,9 @@ from compressed_tensors.quantization import (
 from loguru import logger
 from safetensors import safe_open
 
+from rescomp_modifiers.clipping import ClippingObjective
 from rescomp_modifiers.compensation import GroupScales, LazyUpdate, Semantics
+from rescomp_modifiers.upstream import is_source_process
 
 __all__ = ["register_yaml_enums", "make_save_atomic", "recover_checkpoint"]
 
@@ -62,7 +63,7 @@ def register_yaml_enums() -> None:
     """
     for enum_type in (
         ActivationOrdering, QuantizationStrategy, QuantizationType,
-        Semantics, GroupScales, LazyUpdate,
+        Semantics, GroupScales, LazyUpdate, ClippingObjective,
     ):
         yaml.add_representer(enum_type, _represent_str_enum)
     yaml.add_representer(tuple, yaml.Dumper.represent_list)

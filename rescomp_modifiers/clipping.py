@@ -34,7 +34,8 @@ from enum import Enum
 
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
-from compressed_tensors.quantization.utils import calculate_qparams, calculate_range
+
+from rescomp_modifiers.upstream import calculate_qparams, calculate_range
 
 __all__ = ["ClippingObjective", "CLIPPING_STRATEGIES", "uncompensable_column_energy",
            "search_clipping", "clipping_errors"]

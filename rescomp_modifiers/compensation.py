@@ -68,16 +68,18 @@ from compressed_tensors.quantization import (
     QuantizationType,
     fake_quantize,
 )
-from compressed_tensors.quantization.utils import calculate_qparams, calculate_range
-from llmcompressor.modifiers.gptq.gptq_quantize import gptq_block_update
-from llmcompressor.modifiers.gptq.helpers import (
-    GPTQ_PRECISION,
-    apply_activation_ordering,
-    column_scale_window,
-    factorize_hessian,
-)
 
 from rescomp_modifiers.linalg import inverse_hessian_factor
+from rescomp_modifiers.upstream import (
+    GPTQ_PRECISION,
+    apply_activation_ordering,
+    calculate_qparams,
+    calculate_range,
+    column_scale_window,
+    factorize_hessian,
+    gptq_block_update,
+    load_observer,
+)
 
 __all__ = [
     "LazyUpdate",
@@ -944,12 +946,10 @@ def _group_observer(quant_args: QuantizationArgs):
     name = quant_args.observer or ""
     if "mse" not in name:
         return None
-    from llmcompressor.observers import Observer
-
     row_args = quant_args.model_copy(
         update={"strategy": QuantizationStrategy.CHANNEL, "group_size": None, "actorder": None}
     )
-    return Observer.load_from_registry(name, base_name="weight", args=row_args)
+    return load_observer(name, row_args)
 
 
 # -- candidates judged on held-out calibration tokens (guard, coefficient search) ------

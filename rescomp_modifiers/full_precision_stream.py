@@ -13,7 +13,10 @@ from collections import deque
 
 import torch
 
-__all__ = ["FullPrecisionStream", "MissingFullPrecisionStream"]
+__all__ = ["FullPrecisionStream", "MissingFullPrecisionStream", "PIPELINE_NAME"]
+
+#: the calibration pipeline that provides the stream (rescomp_modifiers/pipeline.py)
+PIPELINE_NAME = "dual_stream"
 
 
 class MissingFullPrecisionStream(RuntimeError):

@@ -1,10 +1,16 @@
-"""GPTAQModifier, CAEModifier and FOEMModifier: thin GPTQModifier subclasses.
+"""GPTAQModifier, CAEModifier and FOEMModifier: GPTQModifier subclasses.
 
 Each collects what its terms need on top of GPTQ's Hessian (the asymmetry statistics
-``D`` from the full-precision stream, when asked) and hands everything to
-:func:`rescomp_modifiers.compensation.compensate_weight`. Every scheme, observer,
-``targets``, ``ignore``, ``actorder``, ``block_size`` and ``dampening_frac`` option of
-``GPTQModifier`` keeps working.
+``D`` from the full-precision stream, when asked) and hands everything to the solver
+(:mod:`rescomp_modifiers.compensation`). Every scheme, observer, ``targets``,
+``ignore``, ``actorder``, ``block_size`` and ``dampening_frac`` option of
+``GPTQModifier`` keeps working. What the lifecycle delegates to:
+
+* :class:`~rescomp_modifiers.calibration_statistics.CalibrationStatistics`: the sums,
+  the held-out split, the distributed reduce;
+* :mod:`rescomp_modifiers.units`: which modules are solved together, and the solve;
+* :mod:`rescomp_modifiers.selection`: the candidates and the log of who won;
+* :mod:`rescomp_modifiers.checks`: what is checked once the scheme and model are known.
 """
 
 from __future__ import annotations
@@ -13,52 +19,43 @@ import contextlib
 from typing import ClassVar, Literal
 
 import torch
-from compressed_tensors import TRANSFORM_CONFIG_NAME
-from compressed_tensors.distributed import greedy_bin_packing, wait_for_comms
-from compressed_tensors.offload.dist_utils import is_distributed
-from compressed_tensors.offload import disable_offloading
-from compressed_tensors.quantization import QuantizationStrategy
-from compressed_tensors.utils import get_execution_device, getattr_chain
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers.gptq import GPTQModifier
-from llmcompressor.modifiers.gptq.base import _GPTQ_Q_PARAMS
-from llmcompressor.modifiers.gptq.helpers import (
-    GPTQ_PRECISION,
-    assign_batches,
-    update_batch_qparams,
-)
-from llmcompressor.utils.dist import broadcast_qparams_and_cleanup
-from llmcompressor.utils.metric_logging import CompressionLogger
 from loguru import logger
-from pydantic import PrivateAttr, field_validator
+from pydantic import PrivateAttr, field_validator, model_validator
 from torch import distributed as dist
 
-from rescomp_modifiers.activation_clipping import activation_clip_ratio
-from rescomp_modifiers.activation_statistics import (
-    GroupedStatistics,
-    SharedSums,
-    supports_shared_statistics,
-)
+from rescomp_modifiers.activation_statistics import supports_shared_statistics
+from rescomp_modifiers.calibration_statistics import CalibrationStatistics
 from rescomp_modifiers.checkpoint import make_save_atomic
-from rescomp_modifiers.clipping import CLIPPING_STRATEGIES, ClippingObjective, search_clipping
-from rescomp_modifiers.mse_search import in_place_mse_search
-from rescomp_modifiers.full_precision_stream import (
-    FullPrecisionStream,
-    MissingFullPrecisionStream,
-)
+from rescomp_modifiers.checks import check_before_calibration
+from rescomp_modifiers.clipping import ClippingObjective
 from rescomp_modifiers.compensation import (
     CompensationTerms,
     GroupScales,
     LazyUpdate,
     Semantics,
 )
-from rescomp_modifiers.selection import (
-    GPTQ_LABEL,
-    Candidate,
-    Selection,
-    Statistics,
-    select_and_solve,
-    solve_candidate,
+from rescomp_modifiers.full_precision_stream import (
+    PIPELINE_NAME,
+    FullPrecisionStream,
+    MissingFullPrecisionStream,
+)
+from rescomp_modifiers.mse_search import in_place_mse_search
+from rescomp_modifiers.selection import SelectionLog, Statistics, build_candidates
+from rescomp_modifiers.units import plan_batches, solve_units
+from rescomp_modifiers.upstream import (
+    GPTQ_Q_PARAMS,
+    CompressionLogger,
+    broadcast_qparams_and_cleanup,
+    disable_offloading,
+    get_execution_device,
+    getattr_chain,
+    greedy_bin_packing,
+    is_distributed,
+    restore_pipeline_inference,
+    route_pipeline_inference,
+    update_batch_qparams,
 )
 
 __all__ = ["GPTAQModifier", "CAEModifier", "FOEMModifier", "CompensationModifier"]
@@ -79,24 +76,6 @@ def _check_coefficient(name: str, value: float | None) -> float | None:
             f"got {value}"
         )
     return value
-
-
-def _row_stackable(modules: list[torch.nn.Module]) -> bool:
-    """Whether solving ``modules`` (sharing H and D) as one row-stacked weight equals
-    solving each alone: per-row scales (channel or group strategy, no module-wide
-    global scale) and the same quantization arguments, weight dtype and device."""
-    first = modules[0]
-    quant_args = getattr_chain(first, "quantization_scheme.weights")
-    if quant_args.strategy not in (QuantizationStrategy.CHANNEL, QuantizationStrategy.GROUP):
-        return False
-    return all(
-        getattr_chain(module, "quantization_scheme.weights") == quant_args
-        and getattr(module, "weight_global_scale", None) is None
-        and module.weight.dim() == 2
-        and module.weight.dtype == first.weight.dtype
-        and module.weight.device == first.weight.device
-        for module in modules
-    )
 
 
 class CompensationModifier(GPTQModifier):
@@ -203,16 +182,34 @@ class CompensationModifier(GPTQModifier):
             _check_coefficient("coefficient_candidates", coefficient)
         return value
 
-    _asymmetry: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
+    @model_validator(mode="after")
+    def _validate_combination(self):
+        """Field combinations that cannot work, refused when the recipe is parsed."""
+        name = type(self).__name__
+        if self.least_squares_candidate and not self.needs_full_precision_stream:
+            raise ValueError(
+                "least_squares_candidate fits the full-precision output and needs the "
+                f"full-precision stream, which {name} does not use here: use "
+                "GPTAQModifier, CAEModifier(statistics='gptaq') or "
+                "FOEMModifier(use_asymmetric_statistics=True).")
+        if self.true_sequential and not self.needs_full_precision_stream:
+            raise ValueError(
+                "true_sequential runs in the dual-stream pipeline, which "
+                f"{name} does not use here: use it with GPTAQ statistics "
+                "(GPTAQModifier, CAEModifier(statistics='gptaq'), "
+                "FOEMModifier(use_asymmetric_statistics=True)), or give oneshot "
+                "sequential_targets=['Linear'] for true-sequential GPTQ statistics.")
+        unused = sorted({"holdout_every", "candidate_row_stride"} & self.model_fields_set)
+        if unused and not self.selects_candidates:
+            raise ValueError(
+                f"{name}: {' and '.join(unused)} only act with a guard or candidates "
+                "(guard: gptq, coefficient_candidates or least_squares_candidate); remove "
+                f"{'them' if len(unused) > 1 else 'it'} or set guard: gptq.")
+        return self
+
     _fp_stream: FullPrecisionStream | None = PrivateAttr(default=None)
-    _statistics: GroupedStatistics = PrivateAttr(default_factory=GroupedStatistics)
-    #: sums of the held-out batches (guard / candidates), shared like ``_statistics``
-    _holdout_statistics: GroupedStatistics = PrivateAttr(default_factory=GroupedStatistics)
-    _holdout_sums: dict[torch.nn.Module, SharedSums] = PrivateAttr(default_factory=dict)
-    #: batches each module has read so far (which ones are held out)
-    _batches_read: dict[torch.nn.Module, int] = PrivateAttr(default_factory=dict)
-    #: per solved unit: (module names, winning candidate, error relative to GPTQ's)
-    _selections: list[tuple[str, str, float | None]] = PrivateAttr(default_factory=list)
+    _calibration: CalibrationStatistics = PrivateAttr(default_factory=CalibrationStatistics)
+    _selection_log: SelectionLog | None = PrivateAttr(default=None)
 
     # -- what the subclasses decide -------------------------------------------------
     @property
@@ -241,19 +238,30 @@ class CompensationModifier(GPTQModifier):
             has_asymmetry=self.needs_full_precision_stream
         )
 
+    @property
+    def selects_candidates(self) -> bool:
+        """Whether each module's weights are chosen among several solves."""
+        return (self.guard != "none" or bool(self.coefficient_candidates)
+                or self.least_squares_candidate)
+
     def compensation_terms(self, num_bits: int) -> CompensationTerms:
         terms = CompensationTerms.for_method(self.resolved_method(), self.semantics, num_bits)
         return terms.with_overrides(
             lazy_update=self.lazy_update, group_scales=self.group_scales, **self.overrides()
         )
 
+    # -- lifecycle ---------------------------------------------------------------------
     def update_event(self, state: State, event: Event, **kwargs):
         # every weight observation and solve of ours happens inside an event: MSE
         # clipping takes the in-place search there (bit-identical, about half the time)
         with in_place_mse_search():
             return super().update_event(state, event, **kwargs)
 
-    # -- the full-precision stream ----------------------------------------------------
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        if self.needs_full_precision_stream:  # oneshot asks for its pipeline after this
+            route_pipeline_inference(PIPELINE_NAME)
+        return super().on_initialize(state, **kwargs)
+
     def attach_full_precision_stream(self, stream: FullPrecisionStream | None) -> None:
         """Called by the dual-stream pipeline before calibration starts."""
         self._fp_stream = stream
@@ -266,128 +274,14 @@ class CompensationModifier(GPTQModifier):
                 "force `pipeline='sequential'` (or 'basic') in oneshot: leave "
                 "`pipeline` unset or set `pipeline='dual_stream'`."
             )
-        if self.least_squares_candidate and not self.needs_full_precision_stream:
-            raise ValueError(
-                "least_squares_candidate fits the full-precision output and needs the "
-                f"full-precision stream, which {type(self).__name__} does not use here: "
-                "use GPTAQModifier, CAEModifier(statistics='gptaq') or "
-                "FOEMModifier(use_asymmetric_statistics=True)."
-            )
-        if self.true_sequential and not self.needs_full_precision_stream:
-            raise ValueError(
-                "true_sequential runs in the dual-stream pipeline, which "
-                f"{type(self).__name__} does not use here: use it with GPTAQ statistics "
-                "(GPTAQModifier, CAEModifier(statistics='gptaq'), "
-                "FOEMModifier(use_asymmetric_statistics=True)), or give oneshot "
-                "sequential_targets=['Linear'] for true-sequential GPTQ statistics."
-            )
-        self._check_finite_weights()
-        self._check_clip_ratios()
-        self._check_clipping()
-        self._warn_where_measured_worse_after_rotation(state.model)
+        check_before_calibration(self, state.model, self._hooked_modules())
         super().on_calibration_start(state, event, **kwargs)
-        self._statistics.exact_hessian = self.exact_upstream_hessian
-        self._holdout_statistics.exact_hessian = self.exact_upstream_hessian
+        self._calibration = CalibrationStatistics(
+            self.holdout_every if self.selects_candidates else 0)
+        self._calibration.exact_hessian = self.exact_upstream_hessian
+        self._selection_log = SelectionLog(self.log_name)
         if self._fp_stream is not None:
             self._fp_stream.watch(self._hooked_modules())
-
-    def _warn_where_measured_worse_after_rotation(self, model: torch.nn.Module) -> None:
-        """Never silently worse where it was measured worse: after a rotation modifier
-        at 4+ weight bits, MSE clipping, CAE's terms and FOEM's term each lost to GPTQ
-        (FOEM's at 3 bits too) on SmolLM2-135M (README, "Rotations, activation and
-        KV-cache quantization"), which is why the recommended recipes run plain GPTAQ
-        there. A warning, not an error: one model's measurement, and a user may want the
-        published method."""
-        # a rotation modifier (SpinQuant, QuIP) leaves its transform config on the model,
-        # also when it ran in an earlier stage or oneshot call
-        if getattr(model, TRANSFORM_CONFIG_NAME, None) is None:
-            return
-        for scheme in self.resolve_quantization_config().config_groups.values():
-            weights = scheme.weights
-            if weights is None:
-                continue
-            terms = self.compensation_terms(weights.num_bits)
-            # (what, used here, from how many bits it lost): FOEM lost at W3 too
-            losing = [what for what, used, from_bits in (
-                ("MSE clipping", weights.observer in ("memoryless_mse", "mse"), 4),
-                ("CAE's terms", terms.compensation_aware_coefficient != 0, 4),
-                ("FOEM's term", terms.first_order_coefficient != 0, 3),
-            ) if used and weights.num_bits >= from_bits]
-            if losing:
-                logger.warning(
-                    f"{type(self).__name__} after a rotation at W{weights.num_bits}: "
-                    f"{' and '.join(losing)} measured worse than GPTQ there (SmolLM2-135M, "
-                    "3 seeds; README 'Rotations, activation and KV-cache quantization'). "
-                    "The recommended recipes run plain GPTAQModifier with min-max clipping "
-                    "after a rotation at 4+ bits (recipes/recommended/*_rot.yaml).")
-                return
-
-    def _check_clip_ratios(self) -> None:
-        """Refuse a clip ratio that would be ignored or meaningless before calibrating
-        (activation_clipping.py): it applies to dynamic activation quantizers only."""
-        config = self.resolve_quantization_config()
-        quantizers = {f"config group {name!r}, {field}": getattr(scheme, field)
-                      for name, scheme in config.config_groups.items()
-                      for field in ("weights", "input_activations", "output_activations")}
-        quantizers["kv_cache_scheme"] = config.kv_cache_scheme
-        for where, args in quantizers.items():
-            try:
-                activation_clip_ratio(args)
-            except ValueError as error:
-                raise ValueError(f"{type(self).__name__}: {where}: {error}") from None
-
-    def _check_clipping(self) -> None:
-        """Refuse a clipping search the scheme cannot take, before calibrating."""
-        if self.clipping == ClippingObjective.OBSERVER:
-            return
-        supported = CLIPPING_STRATEGIES[self.clipping]
-        for name, scheme in self.resolve_quantization_config().config_groups.items():
-            weights = scheme.weights
-            if weights is None:
-                continue
-            problem = None
-            if weights.type != "int":
-                problem = f"{weights.type} weights (it searches integer ranges)"
-            elif weights.strategy not in supported:
-                problem = (f"the {QuantizationStrategy(weights.strategy).value} strategy (it supports "
-                           f"{', '.join(s.value for s in supported)})")
-            elif self.group_scales != GroupScales.STATIC:
-                problem = "group_scales: dynamic (the solver recomputes the ranges itself)"
-            if problem:
-                raise ValueError(f"{type(self).__name__}: clipping {self.clipping.value!r} "
-                                 f"cannot take config group {name!r}: {problem}; use "
-                                 "clipping: observer with the scheme's own observer")
-
-    def _check_finite_weights(self) -> None:
-        """Refuse NaN/Inf weights before any calibration, naming the modules: they
-        would otherwise surface as non-finite statistics blamed on the activations, or
-        as a checkpoint with NaN scales."""
-        bad = [
-            self._module_names[module]
-            for module in self._hooked_modules()
-            if not torch.isfinite(module.weight).all()
-        ]
-        if bad:
-            shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-            raise ValueError(
-                f"{type(self).__name__}: the weights of {shown} contain NaN or Inf before "
-                "quantization; fix or reload the model (or add these modules to `ignore`)."
-            )
-
-    @property
-    def selects_candidates(self) -> bool:
-        """Whether each module's weights are chosen among several solves."""
-        return (self.guard != "none" or bool(self.coefficient_candidates)
-                or self.least_squares_candidate)
-
-    def _held_out(self, module: torch.nn.Module) -> bool:
-        """Whether this batch of ``module`` is held out from the fit. Modules reading
-        one input (q/k/v) count their batches alike, so they stay one group."""
-        if not self.selects_candidates or self.holdout_every == 0:
-            return False
-        read = self._batches_read.get(module, 0)
-        self._batches_read[module] = read + 1
-        return read % self.holdout_every == self.holdout_every - 1
 
     def _hooked_modules(self) -> list[torch.nn.Module]:
         # the modules upstream's on_calibration_start gives a Hessian hook
@@ -399,11 +293,8 @@ class CompensationModifier(GPTQModifier):
         ]
 
     def calibrate_module(self, module, args, _output):
-        """Accumulate H (like upstream) and, with the FP stream, D for this module.
-
-        Modules reading the same input tensor share one computation and one sum of the
-        statistics (see :class:`~rescomp_modifiers.activation_statistics.GroupedStatistics`).
-        """
+        """Accumulate H and, with the FP stream, D for this module (modules reading the
+        same input share one computation and one sum)."""
         fp_inp = None
         if self.needs_full_precision_stream:
             fp_inp = self._fp_stream.pop(module)
@@ -414,231 +305,28 @@ class CompensationModifier(GPTQModifier):
                     "twin; refusing to silently degrade to GPTQ. Run it under the "
                     "`dual_stream` pipeline."
                 )
-        if not supports_shared_statistics(module):
-            if fp_inp is not None:
-                raise ValueError(
-                    f"Dual-stream statistics support Linear and Conv1D modules, not "
-                    f"{type(module).__name__}; add it to `ignore`."
-                )
-            return super().calibrate_module(module, args, _output)  # e.g. Conv2d
-        statistics = self._holdout_statistics if self._held_out(module) else self._statistics
-        statistics.add(module, args[0], fp_inp, get_execution_device(module))
+        device = get_execution_device(module)
+        if supports_shared_statistics(module):
+            self._calibration.add(module, args[0], fp_inp, device)
+        elif fp_inp is not None:
+            raise ValueError(
+                f"Dual-stream statistics support Linear and Conv1D modules, not "
+                f"{type(module).__name__}; add it to `ignore`."
+            )
+        else:  # e.g. Conv2d: upstream's own Hessian
+            self._calibration.add_unshared(module, args[0], device)
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
-        self._collect_statistics()
+        self._calibration.collect()
         super().on_calibration_end(state, event, **kwargs)
         if self._fp_stream is not None:
             self._fp_stream.unwatch(self._hooked_modules())
 
     # -- compression -------------------------------------------------------------------
-    def _collect_statistics(self) -> None:
-        """Move the grouped sums into upstream's per-module dicts; the members of a
-        group share the same tensors."""
-        for sums in self._statistics.pop_all():
-            for module in sums.members:
-                self._hessians[module] = sums.hessian
-                self._num_samples[module] = sums.num_samples
-                if sums.asymmetry is not None:
-                    self._asymmetry[module] = sums.asymmetry
-        for sums in self._holdout_statistics.pop_all():
-            for module in sums.members:
-                self._holdout_sums[module] = sums
-
-    def _statistics_groups(self, modules) -> list[list[torch.nn.Module]]:
-        """The modules grouped by the sums they share (q/k/v, gate/up); modules that
-        upstream's own hook calibrated (e.g. Conv2d) have sums of their own."""
-        by_sums: dict[int, list[torch.nn.Module]] = {}
-        for module in modules:
-            by_sums.setdefault(id(self._hessians[module]), []).append(module)
-        return list(by_sums.values())
-
-    def compress_module_list(self, module_list):
-        """Solve the modules: a group that shares its statistics (q/k/v, gate/up) as one
-        row-stacked weight when its rows can be quantized independently, the rest in
-        upstream's batches of same-shape modules."""
-        stacked, singles = [], []
-        for members in self._statistics_groups(module_list):
-            if len(members) > 1 and _row_stackable(members):
-                stacked.append([members])
-            else:
-                singles.extend(members)
-        batches = stacked + [
-            [[module] for module in batch]
-            for batch in assign_batches(singles, self.batched_quantization, self.block_size)
-        ]
-        for units in batches:
-            self._compress_units(units)
-
-    def _compress_units(self, units: list[list[torch.nn.Module]]) -> None:
-        """One solver call: each unit's modules stacked by rows into one batch item."""
-        modules = [module for unit in units for module in unit]
-        quant_args = getattr_chain(modules[0], "quantization_scheme.weights")
-        terms = self.compensation_terms(quant_args.num_bits)
-        qparams = {module: module.weight_observer.get_qparams() for module in modules}
-        names = [" + ".join(self._module_names[module] for module in unit) for unit in units]
-        logger.info(f"Quantizing {len(modules)} module(s) with {self.log_name}: {names}")
-        rows = [[module.weight.shape[0] for module in unit] for unit in units]
-
-        def per_module(stacked: torch.Tensor) -> list[torch.Tensor]:
-            # a one-module item may hold a tensor-wide scale: only stacks are split
-            return [part for item, item_rows in zip(stacked, rows)
-                    for part in (item.split(item_rows) if len(item_rows) > 1 else [item])]
-
-        with torch.no_grad(), disable_offloading(), contextlib.ExitStack() as stack:
-            fit, judge, refit = self._pop_statistics(units)
-            weights = torch.stack(
-                [torch.cat([module.weight for module in unit]) for unit in units]
-            ).to(dtype=GPTQ_PRECISION)
-            scales, zero_points = (
-                torch.stack([torch.cat([qparams[m][key] for m in unit]) for unit in units])
-                for key in ("scale", "zero_point")
-            )
-            # a global scale is per module: units of one module only (_row_stackable)
-            global_scales = (
-                torch.stack([qparams[m]["global_scale"].reshape(-1)[0] for m in modules])
-                if qparams[modules[0]]["global_scale"] is not None
-                else None
-            )
-            if self.clipping != ClippingObjective.OBSERVER:
-                scales, zero_points = self._searched_ranges(weights, fit, quant_args,
-                                                            scales, zero_points)
-            comp_loggers = [stack.enter_context(CompressionLogger(module)) for module in modules]
-            solver_options = dict(blocksize=self.block_size, percdamp=self.dampening_frac)
-            if self.selects_candidates:
-                selection = select_and_solve(
-                    self._candidates(terms), weights, fit, judge, refit, scales, zero_points,
-                    global_scales, quant_args, row_stride=self.candidate_row_stride,
-                    **solver_options,
-                )
-                result = selection.result
-                self._record_selection(names, selection)
-            else:
-                result = solve_candidate(Candidate(self.log_name, terms), weights, fit, scales,
-                                         zero_points, global_scales, quant_args,
-                                         **solver_options)
-            losses = [part.sum() for part in per_module(result.row_losses)]
-            for comp_logger, loss in zip(comp_loggers, losses):
-                comp_logger.set_results(name=self.log_name, loss=loss.item())
-            for unit, fell_back in zip(units, result.used_rtn_fallback.tolist()):
-                if fell_back:
-                    self._rtn_fallback_module_names.extend(self._module_names[m] for m in unit)
-            stack.close()
-            update_batch_qparams(
-                modules, per_module(result.quantized), per_module(result.scale),
-                per_module(result.zero_point), global_scales, quant_args,
-            )
-            self._num_compressed_modules += len(modules)
-
-    def _searched_ranges(self, weights, fit: Statistics, quant_args, scales, zero_points):
-        """The clipping search's scales and zero points in place of the observer's, on
-        the fitting statistics, in the solver's column order (activation ordering)."""
-        perm = None
-        if quant_args.actorder:  # the order upstream's apply_activation_ordering takes
-            perm = torch.argsort(torch.diagonal(fit.hessians, dim1=-2, dim2=-1), dim=-1,
-                                 descending=True)
-        scale, zero_point = search_clipping(weights, fit.hessians, quant_args, self.clipping,
-                                            self.dampening_frac, perm)
-        return (scale.to(scales.dtype).reshape(scales.shape),
-                zero_point.to(zero_points.dtype).reshape(zero_points.shape))
-
-    def _pop_statistics(self, units) -> tuple[Statistics, Statistics, Statistics | None]:
-        """Each unit's normalized statistics, stacked, as (fit, judge, refit): what the
-        candidates are solved on, judged on and the winner solved again on. Without
-        held-out batches all three are the same sums (refit None: nothing to redo).
-        The sums leave the dicts."""
-        fit_sums, holdout_sums = [], []
-        for unit in units:
-            fit_sums.append((self._hessians[unit[0]], self._asymmetry.get(unit[0]),
-                             self._num_samples[unit[0]]))
-            holdouts = {id(self._holdout_sums.get(module)) for module in unit}
-            held_out = self._holdout_sums.get(unit[0]) if len(holdouts) == 1 else None
-            holdout_sums.append(held_out)
-            self._forget_statistics(unit)
-
-        def stacked(parts) -> Statistics:
-            hessians = [h / n.to(h.device) for h, _, n in parts]
-            asymmetry = [d / n.to(d.device) for _, d, n in parts if d is not None]
-            if len(asymmetry) not in (0, len(parts)):
-                raise RuntimeError("some modules of one solver batch lack the asymmetry D")
-            return Statistics(torch.stack(hessians),
-                              torch.stack(asymmetry).to(hessians[0].device) if asymmetry else None)
-
-        fit = stacked(fit_sums)
-        if not self.selects_candidates or any(h is None for h in holdout_sums):
-            if self.selects_candidates and self.holdout_every:
-                logger.warning(
-                    f"{self.log_name}: no held-out batches for some modules (fewer than "
-                    f"{self.holdout_every} calibration batches?); judging the candidates on "
-                    "the fitting tokens"
-                )
-            return fit, fit, None
-        judge = stacked([(h.hessian, h.asymmetry, h.num_samples) for h in holdout_sums])
-        refit = stacked([
-            (h + held.hessian.to(h.device),
-             None if d is None else d + held.asymmetry.to(d.device),
-             n + held.num_samples.to(n.device))
-            for (h, d, n), held in zip(fit_sums, holdout_sums)
-        ])
-        return fit, judge, refit
-
-    def _candidates(self, terms: CompensationTerms) -> list[Candidate]:
-        """The method first (it keeps ties), then its coefficient variants, GPTQ and
-        the least-squares re-solve, as configured; no two with the same terms."""
-        candidates = [Candidate(self.log_name, terms)]
-        for coefficient in self.coefficient_candidates or ():
-            variant = terms.with_overrides(**self.coefficient_overrides(coefficient))
-            candidates.append(Candidate(f"{self.log_name}@{coefficient:g}", variant))
-        if self.guard == "gptq":
-            candidates.append(Candidate(GPTQ_LABEL, CompensationTerms()))
-        if self.least_squares_candidate:
-            candidates.append(Candidate("least-squares", CompensationTerms(),
-                                        least_squares_start=True))
-        unique, seen = [], set()
-        for candidate in candidates:
-            key = (candidate.terms, candidate.least_squares_start)
-            if key not in seen:
-                seen.add(key)
-                unique.append(candidate)
-        return unique
-
-    def _record_selection(self, names: list[str], selection: Selection) -> None:
-        for name, winner, relative in zip(names, selection.winners,
-                                          selection.relative_to_gptq):
-            self._selections.append((name, winner, relative))
-            versus = "" if relative is None else f" (held-out error {relative:.3f}x GPTQ's)"
-            logger.info(f"{self.log_name} candidates for {name}: {winner}{versus}")
-
-    def selection_summary(self) -> dict[str, dict[str, int]]:
-        """How often each candidate won, per layer type (the module names without
-        their layer index, e.g. ``self_attn.q_proj + ...``)."""
-        summary: dict[str, dict[str, int]] = {}
-        for name, winner, _ in self._selections:
-            kind = " + ".join(part.rsplit(".layers.", 1)[-1].split(".", 1)[-1]
-                              for part in name.split(" + "))
-            counts = summary.setdefault(kind, {})
-            counts[winner] = counts.get(winner, 0) + 1
-        return summary
-
-    def _log_selection_summary(self) -> None:
-        summary = self.selection_summary()
-        if not summary:
-            return
-        lines = [f"  {kind}: " + ", ".join(f"{winner} {count}" for winner, count in
-                                           sorted(counts.items(), key=lambda kv: -kv[1]))
-                 for kind, counts in summary.items()]
-        logger.info(f"{self.log_name}: candidate chosen per layer type (modules):\n"
-                    + "\n".join(lines))
-
-    def _forget_statistics(self, modules) -> None:
-        for module in modules:
-            for sums in (self._hessians, self._num_samples, self._asymmetry,
-                         self._holdout_sums):
-                sums.pop(module, None)
-
     def compress_modules(self):
-        self._collect_statistics()
+        self._calibration.collect()
         if not is_distributed():
-            self.compress_module_list(list(self._hessians))
+            self.compress_module_list(self._calibration.modules())
             return
         # Upstream's distributed branch by statistics group: a group's sums are reduced
         # once and the group is solved on one rank. The results are broadcast also for
@@ -646,44 +334,77 @@ class CompensationModifier(GPTQModifier):
         # offloading, but plain CPU ranks (gloo) hold private copies, and a rank that
         # did not compress a module would go on with its full-precision weights.
         groups, rank_to_groups, group_to_rank = greedy_bin_packing(
-            [tuple(group) for group in self._statistics_groups(self._hessians)],
+            [tuple(group) for group in self._calibration.groups(self._calibration.modules())],
             dist.get_world_size(),
-            item_weight_fn=lambda group: self._hessians[group[0]].shape[0] * len(group),
+            item_weight_fn=lambda group: self._calibration.width(group[0]) * len(group),
         )
-        self._reduce_statistics_to_target_rank(groups, group_to_rank)
+        self._calibration.reduce_to_ranks(groups, group_to_rank, dist.get_rank())
         self.compress_module_list(
             [module for group in rank_to_groups[dist.get_rank()] for module in group]
         )
         broadcast_qparams_and_cleanup(
             [module for group in groups for module in group],
             {module: group_to_rank[group] for group in groups for module in group},
-            _GPTQ_Q_PARAMS,
+            GPTQ_Q_PARAMS,
             skip_cpu=False,
         )
 
-    def _reduce_statistics_to_target_rank(self, groups, group_to_rank):
-        """Sum H, the sample count and D over ranks onto the rank that solves the group."""
-        rank = dist.get_rank()
-        pending = []
-        for group in groups:
-            tensors = [sums[group[0]] for sums in (self._hessians, self._num_samples,
-                                                   self._asymmetry) if group[0] in sums]
-            held_out = self._holdout_sums.get(group[0])
-            if held_out is not None:
-                tensors += [t for t in (held_out.hessian, held_out.num_samples,
-                                        held_out.asymmetry) if t is not None]
-            pending.extend(dist.reduce(tensor, op=dist.ReduceOp.SUM,
-                                       dst=group_to_rank[group], async_op=True)
-                           for tensor in tensors)
-        wait_for_comms(pending)
-        for group in groups:
-            if rank != group_to_rank[group]:
-                self._forget_statistics(group)
+    def compress_module_list(self, module_list):
+        for units in plan_batches(self._calibration.groups(module_list),
+                                  self.batched_quantization, self.block_size):
+            self._compress_units(units)
+
+    def _compress_units(self, units: list[list[torch.nn.Module]]) -> None:
+        modules = [module for unit in units for module in unit]
+        names = [" + ".join(self._module_names[module] for module in unit) for unit in units]
+        logger.info(f"Quantizing {len(modules)} module(s) with {self.log_name}: {names}")
+        quant_args = getattr_chain(modules[0], "quantization_scheme.weights")
+        with torch.no_grad(), disable_offloading(), contextlib.ExitStack() as stack:
+            statistics = self._pop_statistics(units)
+            comp_loggers = [stack.enter_context(CompressionLogger(module)) for module in modules]
+            solved = solve_units(
+                units, statistics, self._candidates(self.compensation_terms(quant_args.num_bits)),
+                self.selects_candidates, clipping=self.clipping, percdamp=self.dampening_frac,
+                block_size=self.block_size, row_stride=self.candidate_row_stride)
+            if solved.selection is not None:
+                self._selection_log.record(names, solved.selection)
+            for comp_logger, loss in zip(comp_loggers, solved.per_module(solved.result.row_losses)):
+                comp_logger.set_results(name=self.log_name, loss=loss.sum().item())
+            for unit, fell_back in zip(units, solved.result.used_rtn_fallback.tolist()):
+                if fell_back:
+                    self._rtn_fallback_module_names.extend(self._module_names[m] for m in unit)
+            stack.close()
+            result = solved.result
+            update_batch_qparams(
+                modules, solved.per_module(result.quantized), solved.per_module(result.scale),
+                solved.per_module(result.zero_point), solved.global_scales, quant_args,
+            )
+            self._num_compressed_modules += len(modules)
+
+    def _pop_statistics(self, units) -> tuple[Statistics, Statistics, Statistics | None]:
+        """The units' ``(fit, judge, refit)`` statistics; they leave the store."""
+        return self._calibration.pop(units, self.selects_candidates, self.log_name)
+
+    def _candidates(self, terms: CompensationTerms):
+        variants = {f"{self.log_name}@{coefficient:g}":
+                    terms.with_overrides(**self.coefficient_overrides(coefficient))
+                    for coefficient in self.coefficient_candidates or ()}
+        return build_candidates(self.log_name, terms, variants, self.guard == "gptq",
+                                self.least_squares_candidate)
+
+    def selection_summary(self) -> dict[str, dict[str, int]]:
+        """How often each candidate won, per layer type."""
+        return {} if self._selection_log is None else self._selection_log.summary()
 
     def on_finalize(self, state: State, **kwargs) -> bool:
-        self._log_selection_summary()
+        if self._selection_log is not None:
+            self._selection_log.log_summary()
+        unsolved = self._calibration.modules()
+        if unsolved:
+            raise ValueError(f"{type(self).__name__}: failed to compress {len(unsolved)} "
+                             "modules")
         result = super().on_finalize(state, **kwargs)
-        self._asymmetry = dict()
+        restore_pipeline_inference()
         make_save_atomic(state.model)
         return result
 

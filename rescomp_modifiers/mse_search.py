@@ -28,8 +28,8 @@ import contextvars
 
 import torch
 from compressed_tensors.quantization import QuantizationStrategy, QuantizationType
-from compressed_tensors.quantization.utils import calculate_qparams, calculate_range
-from compressed_tensors.utils.impl_backend import ImplBackend
+
+from rescomp_modifiers.upstream import ImplBackend, calculate_qparams, calculate_range
 
 __all__ = ["grid_search_mse_in_place", "in_place_mse_search"]
 

@@ -34,21 +34,26 @@ import os
 from dataclasses import dataclass
 
 import torch
-from compressed_tensors.offload import disable_offloading, set_onload_device
 from llmcompressor.core import CompressionSession, LifecycleCallbacks, active_session
-from llmcompressor.modifiers.utils.hooks import HooksMixin
-from llmcompressor.pipelines.cache import IntermediatesCache
-from llmcompressor.pipelines.registry import CalibrationPipeline
-from llmcompressor.pipelines.sequential.helpers import handle_sequential_oom, trace_subgraphs
-from llmcompressor.utils.dev import get_main_device
-from llmcompressor.utils.helpers import DisableQuantization, calibration_forward_context
-from llmcompressor.utils.pytorch.module import infer_sequential_targets
 from loguru import logger
 from tqdm import tqdm
 
-from rescomp_modifiers.full_precision_stream import FullPrecisionStream
+from rescomp_modifiers.full_precision_stream import PIPELINE_NAME, FullPrecisionStream
 from rescomp_modifiers.modifiers import CompensationModifier
 from rescomp_modifiers.quantized_stream import QuantizedStreamActivations
+from rescomp_modifiers.upstream import (
+    CalibrationPipeline,
+    DisableQuantization,
+    HooksMixin,
+    IntermediatesCache,
+    calibration_forward_context,
+    disable_offloading,
+    get_main_device,
+    handle_sequential_oom,
+    infer_sequential_targets,
+    set_onload_device,
+    trace_subgraphs,
+)
 from rescomp_modifiers.true_sequential import (
     FullPrecisionWeights,
     Stage,
@@ -59,11 +64,10 @@ from rescomp_modifiers.true_sequential import (
 )
 
 __all__ = [
-    "DualStreamPipeline", "DriftRecord", "last_drift", "install_pipeline_inference",
+    "DualStreamPipeline", "DriftRecord", "last_drift",
     "full_precision_cache_device",
 ]
 
-PIPELINE_NAME = "dual_stream"
 #: overrides where the FP stream's activation cache lives (a torch device string)
 FULL_PRECISION_CACHE_DEVICE_ENV = "RESCOMP_FULL_PRECISION_CACHE_DEVICE"
 
@@ -297,24 +301,3 @@ class DualStreamPipeline(CalibrationPipeline):
                 quantized_stream.close()
             for modifier in dual:
                 modifier.attach_full_precision_stream(None)
-
-
-_original_infer_pipeline = CalibrationPipeline._infer_pipeline
-
-
-def _infer_pipeline(modifiers) -> str:
-    """Pick the dual-stream pipeline whenever a modifier needs the FP stream."""
-    if _dual_stream_modifiers(modifiers):
-        return PIPELINE_NAME
-    return _original_infer_pipeline(modifiers)
-
-
-def install_pipeline_inference() -> None:
-    """Make ``oneshot`` choose the dual-stream pipeline by itself (idempotent).
-
-    ``CalibrationPipeline.from_modifiers`` asks ``_infer_pipeline`` for every modifier
-    under the default ``independent`` pipeline, so a recipe with SmoothQuant or AWQ
-    before CAE runs those in upstream's sequential pipeline and CAE in ours.
-    """
-    if CalibrationPipeline._infer_pipeline is not _infer_pipeline:
-        CalibrationPipeline._infer_pipeline = staticmethod(_infer_pipeline)

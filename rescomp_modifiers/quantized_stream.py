@@ -26,9 +26,12 @@ import contextlib
 
 import torch
 from compressed_tensors.quantization import DynamicType
-from compressed_tensors.quantization.lifecycle.forward import forward_quantize
-from compressed_tensors.quantization.lifecycle.initialize import is_cached_attention_module
-from compressed_tensors.utils import getattr_chain
+
+from rescomp_modifiers.upstream import (
+    forward_quantize,
+    getattr_chain,
+    is_cached_attention_module,
+)
 
 __all__ = ["QuantizedStreamActivations"]
 

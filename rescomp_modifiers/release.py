@@ -33,9 +33,10 @@ def releasing_oneshot_models():
     """Release, when the block ends, what llm-compressor and torch.fx keep of the
     ``oneshot`` runs inside it, so their models are freed once the caller drops them."""
     from llmcompressor.core import active_session
-    from torch.fx import _symbolic_trace
 
-    wrapped = getattr(_symbolic_trace, "_wrapped_fns_to_patch", {})
+    from rescomp_modifiers.upstream import fx_wrapped_functions
+
+    wrapped = fx_wrapped_functions()
     registered_before = set(wrapped)
     try:
         yield

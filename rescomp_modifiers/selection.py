@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from loguru import logger
 
 from rescomp_modifiers.compensation import (
     CompensationResult,
@@ -35,7 +36,8 @@ from rescomp_modifiers.compensation import (
     weights_times_asymmetry,
 )
 
-__all__ = ["Candidate", "Statistics", "Selection", "solve_candidate", "select_and_solve"]
+__all__ = ["Candidate", "Statistics", "Selection", "SelectionLog", "build_candidates",
+           "solve_candidate", "select_and_solve"]
 
 #: the label of GPTQ's own candidate (the guard's reference)
 GPTQ_LABEL = "GPTQ"
@@ -70,8 +72,9 @@ class Selection:
     result: CompensationResult
     #: the winning candidate's label, per item
     winners: list[str]
-    #: per item, the winner's held-out excess error over the unquantized weights
-    #: divided by GPTQ's (1.0: as good as GPTQ, below 1: better); None without GPTQ
+    #: per item, the winner's held-out output error (its excess over the unquantized
+    #: weights' own error) as a fraction of GPTQ's (1.0: as good as GPTQ, below 1:
+    #: better); None without GPTQ or where GPTQ's excess is not positive
     relative_to_gptq: list[float | None]
 
 
@@ -199,8 +202,10 @@ def select_and_solve(candidates: list[Candidate], weights: torch.Tensor, fit: St
         winner = min(errors, key=errors.get)  # first of equal errors: dicts keep order
         # the errors are excesses over keeping W0 (which scores 0)
         gptq_excess = errors.get(GPTQ_LABEL, float("nan"))
+        # a ratio of excesses only reads as "x% of GPTQ's error" when both are positive
         relative.append(errors[winner] / gptq_excess
-                        if GPTQ_LABEL in errors and gptq_excess > 0 else None)
+                        if GPTQ_LABEL in errors and gptq_excess > 0 and errors[winner] >= 0
+                        else None)
         winners.append(winner)
         if refit is None and row_stride == 1:
             chosen.append(results[winner])
@@ -210,3 +215,64 @@ def select_and_solve(candidates: list[Candidate], weights: torch.Tensor, fit: St
             chosen.append(solve_candidate(candidate, weights[item], final.item(index),
                                           *qparams, quant_args, **options))
     return Selection(_concatenate(chosen), winners, relative)
+
+
+def build_candidates(label: str, terms: CompensationTerms, variants: dict[str, CompensationTerms],
+                     guard: bool, least_squares: bool) -> list[Candidate]:
+    """The method first (it keeps ties), then its coefficient ``variants`` (label ->
+    terms), GPTQ (with ``guard``) and the least-squares re-solve, as configured; no two
+    with the same terms."""
+    candidates = [Candidate(label, terms)]
+    candidates += [Candidate(variant, variant_terms)
+                   for variant, variant_terms in variants.items()]
+    if guard:
+        candidates.append(Candidate(GPTQ_LABEL, CompensationTerms()))
+    if least_squares:
+        candidates.append(Candidate("least-squares", CompensationTerms(),
+                                    least_squares_start=True))
+    unique, seen = [], set()
+    for candidate in candidates:
+        key = (candidate.terms, candidate.least_squares_start)
+        if key not in seen:
+            seen.add(key)
+            unique.append(candidate)
+    return unique
+
+
+class SelectionLog:
+    """Which candidate won for each solved unit, logged as it happens and summed up per
+    layer type at the end."""
+
+    def __init__(self, label: str):
+        self.label = label
+        #: per solved unit: (module names, winning candidate, error relative to GPTQ's)
+        self.entries: list[tuple[str, str, float | None]] = []
+
+    def record(self, names: list[str], selection: Selection) -> None:
+        for name, winner, relative in zip(names, selection.winners,
+                                          selection.relative_to_gptq):
+            self.entries.append((name, winner, relative))
+            versus = ("" if relative is None else
+                      f" (held-out output error {100 * relative:.1f}% of GPTQ's)")
+            logger.info(f"{self.label} candidates for {name}: {winner}{versus}")
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """How often each candidate won, per layer type (the module names without
+        their layer index, e.g. ``self_attn.q_proj + ...``)."""
+        summary: dict[str, dict[str, int]] = {}
+        for name, winner, _ in self.entries:
+            kind = " + ".join(part.rsplit(".layers.", 1)[-1].split(".", 1)[-1]
+                              for part in name.split(" + "))
+            counts = summary.setdefault(kind, {})
+            counts[winner] = counts.get(winner, 0) + 1
+        return summary
+
+    def log_summary(self) -> None:
+        summary = self.summary()
+        if not summary:
+            return
+        lines = [f"  {kind}: " + ", ".join(f"{winner} {count}" for winner, count in
+                                           sorted(counts.items(), key=lambda kv: -kv[1]))
+                 for kind, counts in summary.items()]
+        logger.info(f"{self.label}: candidate chosen per layer type (modules):\n"
+                    + "\n".join(lines))

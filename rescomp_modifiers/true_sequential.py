@@ -36,9 +36,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
-from llmcompressor.modifiers.utils.hooks import HooksMixin
-
-from rescomp_modifiers.upstream import observer_hook_handles
+from rescomp_modifiers.upstream import HooksMixin, observer_hook_handles
 
 __all__ = ["FullPrecisionWeights", "Stage", "StageComplete", "discover_stages",
            "stage_hooks", "stop_after"]
