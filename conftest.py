@@ -1,4 +1,5 @@
-"""Tiny random models built in code, saved locally (no hub), and calibration data.
+"""Fixtures and options of every test directory (``tests``, ``harness/tests``,
+``integration_tests``); the helpers they share are in ``tests/helpers.py``.
 
 ``--solver-device cuda`` (or ``RESCOMP_TEST_DEVICE=cuda``) runs the solver entry points that a
 test module imports (``compensate_weight``, upstream's ``quantize_weight``, the
@@ -14,9 +15,9 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from helpers import make_model, make_tokenizer, record_solves
 
-VOCAB = 96
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 #: the functions a test module may import that run solver arithmetic
 SOLVER_ENTRY_POINTS = ("compensate_weight", "quantize_weight", "inverse_hessian_factor",
@@ -84,60 +85,6 @@ def solver_device(request, monkeypatch):
     return device
 
 
-def make_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
-    for i in range(VOCAB - len(vocab)):
-        vocab[f"w{i}"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        pad_token="<pad>",
-    )
-
-
-def make_model(kind: str = "llama", seed: int = 0):
-    import transformers
-
-    torch.manual_seed(seed)
-    common = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    if kind == "llama":
-        config = transformers.LlamaConfig(**common)
-    elif kind == "qwen3":
-        config = transformers.Qwen3Config(head_dim=16, **common)
-    elif kind == "qwen3_moe":
-        config = transformers.Qwen3MoeConfig(
-            head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-            decoder_sparse_step=1, mlp_only_layers=[], **common,
-        )
-    else:
-        raise ValueError(kind)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # random init is tiny; scale up so quantization error is visible
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.normal_(0, 0.2)
-    return model
-
-
-def calibration_dataset(num_samples: int = 8, seq_len: int = 32, seed: int = 0):
-    from datasets import Dataset
-
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, VOCAB, (num_samples, seq_len), generator=generator)
-    return Dataset.from_dict(
-        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
-    )
-
-
 @pytest.fixture
 def tiny_model_dir(tmp_path_factory, request):
     kind = getattr(request, "param", "llama")
@@ -147,24 +94,10 @@ def tiny_model_dir(tmp_path_factory, request):
     return path
 
 
-def track_full_precision_pass(monkeypatch) -> list[bool]:
-    """A one-element flag, True while the dual-stream pipeline runs its full-precision
-    pass (``FullPrecisionStream.capturing``)."""
-    import contextlib
-
-    from rescomp_modifiers.full_precision_stream import FullPrecisionStream
-
-    capturing = [False]
-    original = FullPrecisionStream.capturing
-
-    @contextlib.contextmanager
-    def recording(self, modules):
-        capturing[0] = True
-        try:
-            with original(self, modules):
-                yield
-        finally:
-            capturing[0] = False
-
-    monkeypatch.setattr(FullPrecisionStream, "capturing", recording)
-    return capturing
+@pytest.fixture
+def solver_calls(monkeypatch):
+    """Record what each module handed to the solver: module name -> its D."""
+    calls = {}
+    record_solves(monkeypatch, lambda names, _hessian, asymmetry: calls.update(
+        {name: asymmetry for name in names}))
+    return calls

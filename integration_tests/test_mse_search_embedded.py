@@ -1,16 +1,13 @@
 """The in-place MSE clipping search on the embedded model's real weights."""
 
 import itertools
-import sys
-from pathlib import Path
 
 from compressed_tensors.quantization import QuantizationArgs
 from safetensors.torch import load_file
 
 from rescomp_harness.assets import default_model_path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_mse_search import assert_same_search  # noqa: E402
+from helpers import assert_same_search
 
 
 def test_same_ranges_as_upstream_on_the_embedded_model():

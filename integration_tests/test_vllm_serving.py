@@ -25,26 +25,12 @@ from rescomp_harness.assets import brown_documents, default_model_path
 from rescomp_harness.data import calibration_dataset, split_documents
 from rescomp_harness.serving import checkpoint_servable, ensure_vllm_env, serve_and_measure
 
+from helpers import CLOZE, SANITY, assert_capitals_ranked_first
+
 pytestmark = pytest.mark.integration
 
 GROUP_SIZE = 64
 CALIBRATION_SAMPLES, CALIBRATION_LEN = 32, 256
-# (prompt, word the answer must contain): greedy answers the dense model gives right.
-# Quantized models are not held to greedy answers: a 4-bit 135M model's argmax flips on
-# small rounding differences between machines (CI's CAE checkpoint answered "The capital
-# of France is" with " the same as the capital of the United Kingdom."), so they are
-# held to the cloze test below instead, which asks for knowledge, not one token's luck.
-SANITY = [
-    ("The capital of France is", "Paris"),
-    ("The capital of Germany is", "Berlin"),
-    ("The capital of the United Kingdom is", "London"),
-]
-# Cloze: every served model must give the right capital the highest log-probability
-# among these five; a broken weight layout or zero point scrambles the ranking.
-CAPITALS = {"France": "Paris", "Germany": "Berlin", "the United Kingdom": "London",
-            "Italy": "Rome", "Spain": "Madrid"}
-CLOZE = [(f"The capital of {country} is", [f" {city}" for city in CAPITALS.values()])
-         for country in CAPITALS]
 # CAE may be worse than GPTQ measured in the same run by at most this factor: the two
 # differ in one calibration-time term, and at 4 bits, group 64, their perplexities on the
 # held-out windows are within a few percent of each other.
@@ -165,16 +151,6 @@ def test_dense_greedy_answers(served):
 @pytest.mark.parametrize("name", ["dense", "gptq", "cae", "rtn_asym"])
 def test_cloze_ranks_the_right_capital_first(served, name):
     assert_capitals_ranked_first(name, served["models"][name]["choices"])
-
-
-def assert_capitals_ranked_first(name: str, scores: list[list[float]]) -> None:
-    """Each CLOZE prompt's log-probabilities (``scores``, one row per prompt) rank the
-    country's capital above the other capitals."""
-    for (prompt, candidates), row in zip(CLOZE, scores, strict=True):
-        answer = CAPITALS[prompt.removeprefix("The capital of ").removesuffix(" is")]
-        ranked = sorted(zip(row, candidates), reverse=True)
-        print(f"{name}: {prompt!r} -> " + ", ".join(f"{c.strip()} {s:.2f}" for s, c in ranked))
-        assert ranked[0][1] == f" {answer}", f"{name}: {prompt!r} ranked {ranked}"
 
 
 def test_perplexity_dense_better_and_cae_close_to_gptq(served):

@@ -24,7 +24,7 @@ from rescomp_harness.assets import brown_documents, default_model_path
 from rescomp_harness.data import calibration_dataset, split_documents
 from rescomp_harness.serving import checkpoint_servable, ensure_vllm_env, serve_and_measure
 
-from test_vllm_serving import CLOZE, SANITY, assert_capitals_ranked_first
+from helpers import CLOZE, SANITY, assert_capitals_ranked_first
 
 pytestmark = pytest.mark.integration
 

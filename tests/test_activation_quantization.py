@@ -15,17 +15,20 @@ from transformers import AutoModelForCausalLM
 
 from rescomp_modifiers import CAEModifier, GPTAQModifier
 
-from conftest import calibration_dataset, track_full_precision_pass
-from test_modifiers import solver_calls  # noqa: F401
+from helpers import (
+    TOKEN_INT4,
+    UNSHUFFLED_BATCH_SIZE as BATCH_SIZE,
+    UNSHUFFLED_SAMPLES as NUM_SAMPLES,
+    WEIGHTS_INT4_G32 as WEIGHTS,
+    calibration_dataset,
+    record_solves,
+    run_unshuffled as run,
+    track_full_precision_pass,
+)
 
-WEIGHTS = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
-           "group_size": 32}
 STATIC_INT8 = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor",
                "dynamic": False}
-TOKEN_INT4 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "token",
-              "dynamic": True}
 IGNORE = ["lm_head"]
-NUM_SAMPLES, BATCH_SIZE = 8, 4
 
 
 def scheme(input_activations=None):
@@ -55,12 +58,6 @@ def record_inputs(model, names, current_pass):
                 recorded.setdefault((name, current_pass()), []).append(args[0].detach().clone())
         model.get_submodule(name).register_forward_pre_hook(hook)
     return recorded
-
-
-def run(model, recipe):
-    oneshot(model=model, dataset=calibration_dataset(num_samples=NUM_SAMPLES),
-            recipe=recipe, max_seq_length=32, num_calibration_samples=NUM_SAMPLES,
-            batch_size=BATCH_SIZE, shuffle_calibration_samples=False)
 
 
 @pytest.mark.parametrize("true_sequential", [False, True])
@@ -190,8 +187,6 @@ def test_weight_only_asymmetry_differs(tiny_model_dir, solver_calls):
 def test_modules_reading_one_input_still_share_statistics(tiny_model_dir, monkeypatch):
     """q/k/v (and gate/up) get one quantized tensor, so they are still solved as one
     row-stacked weight, 4 solves per layer."""
-    from test_modifiers import record_solves
-
     solved = []
     record_solves(monkeypatch, lambda names, _hessian, _asymmetry: solved.append(" + ".join(names)))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from rescomp_modifiers import CAEModifier
 from rescomp_modifiers.checkpoint import recover_checkpoint
 
-from conftest import calibration_dataset, make_tokenizer
+from helpers import calibration_dataset, make_tokenizer
 
 GROUP32 = {
     "group_0": {

@@ -8,8 +8,7 @@ from llmcompressor.observers.imatrix import IMatrixMSEObserver
 
 from rescomp_modifiers import CAEModifier, GPTAQModifier
 
-from conftest import track_full_precision_pass
-from test_modifiers import IGNORE, record_solves, run_oneshot
+from helpers import IGNORE, record_solves, run_oneshot, track_full_precision_pass
 
 
 def _scheme(strict: bool = True) -> dict:
@@ -48,7 +47,7 @@ def test_importance_comes_from_the_quantized_stream(tiny_model_dir, monkeypatch,
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
 
-    import conftest
+    import helpers
 
     capturing = track_full_precision_pass(monkeypatch)
     modules_of, used, hessians = {}, {}, {}
@@ -81,7 +80,7 @@ def test_importance_comes_from_the_quantized_stream(tiny_model_dir, monkeypatch,
              if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
     for module in names:
         module.register_forward_pre_hook(record_full_precision)
-    oneshot(model=model, dataset=conftest.calibration_dataset(),
+    oneshot(model=model, dataset=helpers.calibration_dataset(),
             recipe=[GPTAQModifier(ignore=IGNORE, true_sequential=true_sequential,
                                   **_scheme())],
             max_seq_length=32, num_calibration_samples=8, shuffle_calibration_samples=False)

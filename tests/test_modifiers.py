@@ -18,60 +18,14 @@ from rescomp_modifiers import CAEModifier, FOEMModifier, GPTAQModifier
 from rescomp_modifiers.modifiers import CompensationModifier
 from rescomp_modifiers.full_precision_stream import MissingFullPrecisionStream
 
-from conftest import calibration_dataset
-
-GROUP32 = {
-    "group_0": {
-        "targets": ["Linear"],
-        "weights": {"num_bits": 4, "type": "int", "symmetric": True,
-                    "strategy": "group", "group_size": 32},
-    }
-}
-IGNORE = ["lm_head", "re:.*mlp.gate$"]  # MoE router stays dense
-
-
-def run_oneshot(model_dir, recipe, **kwargs):
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    oneshot(
-        model=model, dataset=kwargs.pop("dataset", calibration_dataset()), recipe=recipe,
-        max_seq_length=32, num_calibration_samples=8, **kwargs,
-    )
-    return model
-
-
-def record_solves(monkeypatch, on_item) -> None:
-    """Call ``on_item(names, hessian, asymmetry)`` for each solver batch item as it is
-    handed over: its modules' names (one module, or modules row-stacked on shared
-    statistics), its H and its D (None: no full-precision stream)."""
-    original = CompensationModifier._pop_statistics
-
-    def recording(self, units):
-        fit, judge, refit = original(self, units)
-        for index, unit in enumerate(units):
-            on_item([self._module_names[module] for module in unit],
-                    fit.hessians[index].clone(),
-                    None if fit.asymmetry is None else fit.asymmetry[index].clone())
-        return fit, judge, refit
-
-    monkeypatch.setattr(CompensationModifier, "_pop_statistics", recording)
-
-
-@pytest.fixture
-def solver_calls(monkeypatch):
-    """Record what each module handed to the solver: module name -> its D."""
-    calls = {}
-    record_solves(monkeypatch, lambda names, _hessian, asymmetry: calls.update(
-        {name: asymmetry for name in names}))
-    return calls
-
-
-def targeted_linear_names(model):
-    return {
-        name for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name != "lm_head"
-        and not name.endswith("mlp.gate")
-    }
-
+from helpers import (
+    GROUP32,
+    IGNORE,
+    calibration_dataset,
+    record_solves,
+    run_oneshot,
+    targeted_linear_names,
+)
 
 YAML_RECIPE = """
 quant_stage:
@@ -365,7 +319,7 @@ import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {tests!r})
 if os.environ.get("WORLD_SIZE", "1") != "1":
     dist.init_process_group("gloo")
-from conftest import calibration_dataset
+from helpers import calibration_dataset
 from llmcompressor import oneshot
 from transformers import AutoModelForCausalLM
 import rescomp_modifiers

@@ -9,38 +9,12 @@ from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.utils.impl_backend import ImplBackend
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.observers import Observer
-from llmcompressor.observers.helpers import flatten_for_calibration
 
 import rescomp_modifiers.mse_search as mse_search
 from rescomp_modifiers import GPTAQModifier
 from rescomp_modifiers.mse_search import grid_search_mse_in_place, in_place_mse_search
 
-from test_modifiers import IGNORE, run_oneshot
-
-
-def upstream_search(*args, **kwargs):
-    """llm-compressor's eager search itself (the dispatch's fallback, by name)."""
-    return ImplBackend.call("_grid_search_mse", *args, **kwargs)
-
-
-def search_arguments(weights, args, **observer_kwargs):
-    """What upstream's MSE observer hands its search for ``weights``."""
-    observer = Observer.load_from_registry("memoryless_mse", base_name="weight", args=args)
-    options = dict(maxshrink=observer.maxshrink, patience=observer.patience,
-                   grid=observer.grid, norm=observer.norm,
-                   triton_error_buffer=observer.triton_error_buffer, expand=observer.expand)
-    options.update(observer_kwargs)
-    observed = flatten_for_calibration(weights, "weight", args)
-    return (observed, args, observer._token_args), options
-
-
-def assert_same_search(weights, args, **observer_kwargs):
-    positional, options = search_arguments(weights, args, **observer_kwargs)
-    expected = upstream_search(*positional, **options)
-    got = grid_search_mse_in_place(*positional, **options)
-    for name, ours, theirs in zip(("min", "max"), got, expected):
-        assert torch.equal(ours, theirs), name
-
+from helpers import IGNORE, assert_same_search, run_oneshot, upstream_search
 
 SETTINGS = list(itertools.product([2, 3, 4, 8], [True, False], [("group", 16), ("group", 64),
                                                                   ("channel", None)]))

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 import rescomp_modifiers.pipeline as pipeline_module
 from rescomp_modifiers.methods import build_modifier
 
-from conftest import calibration_dataset
+from helpers import calibration_dataset
 
 GROUP32 = {
     "group_0": {

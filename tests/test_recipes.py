@@ -135,7 +135,7 @@ def test_rotated_recipe_file_runs(tiny_model_dir, tmp_path, name):
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
 
-    from conftest import calibration_dataset
+    from helpers import calibration_dataset
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

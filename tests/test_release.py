@@ -9,7 +9,7 @@ from llmcompressor.modifiers.gptq import GPTQModifier
 from rescomp_modifiers import CAEModifier
 from rescomp_modifiers.release import releasing_oneshot_models
 
-from test_modifiers import GROUP32, run_oneshot
+from helpers import GROUP32, run_oneshot
 
 RECIPES = {
     "stock GPTQ": lambda: [GPTQModifier(ignore=["lm_head"], config_groups=GROUP32)],

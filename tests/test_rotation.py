@@ -17,8 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from rescomp_modifiers import CAEModifier, FOEMModifier, GPTAQModifier
 
-from conftest import calibration_dataset, track_full_precision_pass
-from test_modifiers import GROUP32, solver_calls, targeted_linear_names  # noqa: F401
+from helpers import GROUP32, calibration_dataset, targeted_linear_names, track_full_precision_pass
 
 IGNORE = ["lm_head"]
 # outputs that no rotation touches: q/k (R2 rotates only v/o heads) and gate/up read the

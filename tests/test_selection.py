@@ -24,8 +24,7 @@ from rescomp_modifiers.selection import (
     solve_candidate,
 )
 
-from conftest import calibration_dataset
-from test_modifiers import GROUP32, IGNORE, run_oneshot, targeted_linear_names
+from helpers import GROUP32, IGNORE, calibration_dataset, run_oneshot, targeted_linear_names
 
 ARGS = QuantizationArgs(num_bits=3, type="int", symmetric=True, strategy="group", group_size=8)
 
@@ -330,7 +329,7 @@ def test_holdout_batches_are_kept_out_of_the_fit(tiny_model_dir, monkeypatch):
 
     seen = []
     original = selection.select_and_solve
-    monkeypatch.setattr("rescomp_modifiers.modifiers.select_and_solve",
+    monkeypatch.setattr("rescomp_modifiers.units.select_and_solve",
                         lambda *a, **k: seen.append(a) or original(*a, **k))
     run_oneshot(tiny_model_dir, [GPTAQModifier(ignore=IGNORE, config_groups=GROUP32,
                                                guard="gptq", holdout_every=4)])

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from rescomp_modifiers import CAEModifier, GPTAQModifier
-from test_modifiers import GROUP32, IGNORE, record_solves, run_oneshot, targeted_linear_names
+
+from helpers import GROUP32, IGNORE, record_solves, run_oneshot, targeted_linear_names
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from loguru import logger
 from rescomp_harness import cli
 from rescomp_harness.compare import CompareConfig, InvalidComparison, run_comparison
 
-from conftest import make_model, make_tokenizer
+from helpers import make_model, make_tokenizer
 
 WORDS = [f"w{i}" for i in range(90)]  # the tiny tokenizer's vocabulary: one token a word
 

@@ -15,7 +15,7 @@ from rescomp_harness.data import (
     split_documents,
 )
 
-from conftest import make_tokenizer
+from helpers import make_tokenizer
 
 NUM_DOCUMENTS = 90  # the tokenizer has words w0..w91: document i is "w{i}" repeated
 

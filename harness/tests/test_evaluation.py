@@ -17,7 +17,7 @@ from rescomp_harness.evaluation.perplexity import (
     tokenize_text,
 )
 
-from conftest import VOCAB, make_model, make_tokenizer
+from helpers import VOCAB, make_model, make_tokenizer
 
 SEQ_LEN = 32
 
