@@ -1,8 +1,16 @@
 """Where the dual-stream pipeline keeps its full-precision activation cache.
 
-The cache location must change memory and transfers only, never the checkpoint. On a
-machine with CUDA the FP cache is also put on the accelerator (the model runs there)
-and the quantized weights must still be bit-identical.
+The cache location must change memory and transfers only, never the checkpoint. Two
+tests, each claiming only what it compares:
+
+* everywhere: ``RESCOMP_FULL_PRECISION_CACHE_DEVICE`` reaches the FP cache and only it
+  (checked with ``cpu:0``, a device on the CPU that the recorder tells apart from the
+  default ``cpu``), and a run with the FP cache placed there writes the default run's
+  checkpoint bit for bit. Both caches are in CPU memory here: this says nothing about an
+  accelerator.
+* with CUDA only (skipped otherwise): the FP cache on the accelerator against the FP
+  cache on the CPU, the model running on the accelerator in both runs; the quantized
+  weights must be bit-identical.
 """
 
 import pytest
@@ -13,17 +21,10 @@ from transformers import AutoModelForCausalLM
 import rescomp_modifiers.pipeline as pipeline_module
 from rescomp_modifiers.methods import build_modifier
 
-from helpers import calibration_dataset
+from helpers import GROUP32, calibration_dataset
 
-GROUP32 = {
-    "group_0": {
-        "targets": ["Linear"],
-        "weights": {"num_bits": 4, "type": "int", "symmetric": True,
-                    "strategy": "group", "group_size": 32},
-    }
-}
 ENV = pipeline_module.FULL_PRECISION_CACHE_DEVICE_ENV
-CACHE_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CPU = torch.device("cpu")
 
 
 @pytest.fixture
@@ -49,24 +50,48 @@ def quantize(model_dir, **kwargs):
     return {name: tensor.cpu() for name, tensor in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("fp_cache_device", CACHE_DEVICES)
-def test_checkpoint_is_the_same_wherever_the_fp_cache_lives(
-    tiny_model_dir, cache_devices, monkeypatch, fp_cache_device
-):
+def quantize_with_and_without(model_dir, cache_devices, monkeypatch, fp_cache_device):
+    """The checkpoint of a default run and of a run with the FP cache on
+    ``fp_cache_device``, each with the devices its caches were built on."""
     monkeypatch.delenv(ENV, raising=False)
-    default = quantize(tiny_model_dir)
-    # the default follows llm-compressor's own cache: both on sequential_offload_device
-    assert cache_devices == [torch.device("cpu")] * 2
+    default = quantize(model_dir)
+    default_devices = list(cache_devices)
     cache_devices.clear()
-
     monkeypatch.setenv(ENV, fp_cache_device)
-    moved = quantize(tiny_model_dir)
-    assert cache_devices == [torch.device("cpu"), torch.device(fp_cache_device)]
+    moved = quantize(model_dir)
+    return (default, default_devices), (moved, list(cache_devices))
+
+
+def assert_same_checkpoint(default, moved):
     assert default.keys() == moved.keys()
     # the run quantized something (packed weights appear), and identically
     assert any(name.endswith("weight_scale") for name in default)
     for name in default:
         assert torch.equal(default[name], moved[name]), name
+
+
+def test_the_setting_places_only_the_fp_cache_and_leaves_the_checkpoint(
+        tiny_model_dir, cache_devices, monkeypatch):
+    """CPU memory both times (see the module docstring): the setting's plumbing."""
+    (default, default_devices), (moved, moved_devices) = quantize_with_and_without(
+        tiny_model_dir, cache_devices, monkeypatch, "cpu:0")
+    # the default follows llm-compressor's own cache: both on sequential_offload_device
+    assert default_devices == [CPU, CPU]
+    # the quantized cache stays there; the FP cache goes where the setting says
+    assert moved_devices == [CPU, torch.device("cpu:0")]
+    assert_same_checkpoint(default, moved)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs CUDA: compares the FP cache on the accelerator with the FP "
+                           "cache on the CPU")
+def test_fp_cache_on_the_accelerator_writes_the_cpu_cache_checkpoint(
+        tiny_model_dir, cache_devices, monkeypatch):
+    (default, default_devices), (moved, moved_devices) = quantize_with_and_without(
+        tiny_model_dir, cache_devices, monkeypatch, "cuda")
+    assert default_devices == [CPU, CPU]
+    assert moved_devices == [CPU, torch.device("cuda")]
+    assert_same_checkpoint(default, moved)
 
 
 @pytest.mark.parametrize("value, message", [
