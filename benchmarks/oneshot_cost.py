@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ["gptq", "gptq_mse", "gptaq", "gptaq_cae", "gptq_cae", "foem", "recommended",
+METHODS = ["gptq", "gptq_mse", "gptq_imatrix", "gptaq", "gptaq_cae", "gptq_cae", "foem", "recommended",
            "recommended_true_sequential"]
 # the quantization setting, as `rescomp compare` names it (CompareConfig fields)
 SETTINGS = ("bits", "group_size", "rotation", "rotation_block_size", "activation_bits",
@@ -82,6 +82,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS[:-1], choices=METHODS)
     parser.add_argument("--sequential-targets", nargs="+", default=None,
                         help='e.g. Linear for "true sequential" (default: decoder layers)')
+    parser.add_argument("--record", default=None,
+                        help="append every run (method, round, wall time, memory, code "
+                             "revision) to this JSONL file, for benchmarks/report.py")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -106,6 +109,12 @@ def main() -> None:
                 sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
                 raise SystemExit(f"{method} failed (exit {proc.returncode})")
             results[method].append(json.loads(lines[-1][len("RESULT "):]))
+            if args.record:
+                from rescomp_harness.compare import code_revision
+
+                with open(args.record, "a") as handle:
+                    handle.write(json.dumps({**results[method][-1], "round": round_index,
+                                             "revision": code_revision()}) + "\n")
             print(f"round {round_index + 1}: {method} {results[method][-1]['wall_s']:.1f}s", file=sys.stderr)
 
     def median(method, key):

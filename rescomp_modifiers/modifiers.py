@@ -199,7 +199,9 @@ class CompensationModifier(GPTQModifier):
                 "(GPTAQModifier, CAEModifier(statistics='gptaq'), "
                 "FOEMModifier(use_asymmetric_statistics=True)), or give oneshot "
                 "sequential_targets=['Linear'] for true-sequential GPTQ statistics.")
-        unused = sorted({"holdout_every", "candidate_row_stride"} & self.model_fields_set)
+        # by value, not by fields set: a saved recipe spells out every field
+        unused = [field for field in ("holdout_every", "candidate_row_stride")
+                  if getattr(self, field) != type(self).model_fields[field].default]
         if unused and not self.selects_candidates:
             raise ValueError(
                 f"{name}: {' and '.join(unused)} only act with a guard or candidates "

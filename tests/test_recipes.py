@@ -81,7 +81,7 @@ def test_one_method_vocabulary():
             assert modifier.semantics == "paper"
             CompensationTerms.for_method(method.terms_name)
         elif isinstance(modifier, GPTQModifier):
-            assert name in ("gptq", "gptq_mse")
+            assert name in ("gptq", "gptq_mse", "gptq_imatrix")
     with pytest.raises(ValueError, match="unknown method 'cae'"):
         build_modifier("cae")
     with pytest.raises(ValueError, match="Unknown method 'cae'"):
