@@ -349,13 +349,82 @@ def test_row_sampled_selection_judges_the_sampled_rows_and_solves_the_winner_on_
                 if torch.equal(selection.result.quantized[0], q)] == [expected]
 
 
+@pytest.fixture
+def candidate_solves(monkeypatch):
+    """Each solver batch item's candidate solves, in the order the items are solved: a
+    list per item of (label, rows_with_terms, quantized [rows, columns], in_contest).
+    A solve with rows_with_terms holds two candidates stacked by rows: the partner's on
+    the True rows, GPTQ's on the False rows (the contest's shared loop)."""
+    import rescomp_modifiers.selection as selection
+
+    items, in_contest = [], [False]
+    original_contest, original_solve = selection._solve_contest, selection.solve_candidate
+
+    def contest(*args, **kwargs):
+        items.append([])
+        in_contest[0] = True
+        try:
+            return original_contest(*args, **kwargs)
+        finally:
+            in_contest[0] = False
+
+    def solve(candidate, *args, rows_with_terms=None, **kwargs):
+        result = original_solve(candidate, *args, rows_with_terms=rows_with_terms, **kwargs)
+        assert result.quantized.shape[0] == 1  # select_and_solve solves item by item
+        items[-1].append((candidate.label, rows_with_terms, result.quantized[0].clone(),
+                          in_contest[0]))
+        return result
+
+    monkeypatch.setattr(selection, "_solve_contest", contest)
+    monkeypatch.setattr(selection, "solve_candidate", solve)
+    return items
+
+
+def winner_weights(solves, winner: str) -> torch.Tensor:
+    """The winner's weights among one item's recorded solves: its solve after the
+    contest (on the refit statistics or on every row), else its solve in the contest."""
+    final = [(label, q) for label, _, q, in_contest in solves if not in_contest]
+    if final:
+        (label, q), = final
+        assert label == winner, (label, winner)
+        return q
+    for label, rows_with_terms, q, _ in solves:
+        if rows_with_terms is None and label == winner:
+            return q
+        if rows_with_terms is not None:
+            if label == winner:
+                return q[rows_with_terms]
+            if winner == GPTQ_LABEL:
+                return q[~rows_with_terms]
+    raise AssertionError(f"no solve of the winner {winner} recorded")
+
+
+def logged_winners(messages: list[str]) -> list[tuple[str, str]]:
+    """(unit name, winner) from the log lines ``... candidates for NAME: WINNER ...``."""
+    import re
+
+    found = [re.search(r"candidates for (.+?): (\S+)(?: \(.*\))?$", m) for m in messages]
+    return [(match[1], match[2]) for match in found if match]
+
+
 @pytest.mark.parametrize("holdout_every, row_stride", [(0, 1), (4, 1), (4, 3)])
-def test_guarded_oneshot_records_a_choice_per_solved_unit(tiny_model_dir, holdout_every,
-                                                          row_stride):
-    modifier = CAEModifier(ignore=IGNORE, config_groups=GROUP32, guard="gptq",
-                           coefficient_candidates=[0.5], least_squares_candidate=True,
-                           holdout_every=holdout_every, candidate_row_stride=row_stride)
-    model = run_oneshot(tiny_model_dir, [modifier])
+def test_guarded_oneshot_writes_the_logged_winners_weights(tiny_model_dir, candidate_solves,
+                                                           holdout_every, row_stride):
+    """Every solved unit gets a logged choice, and each module's weights in the quantized
+    model are exactly the weights of the candidate the log says won (its solve on the
+    refit statistics, on every row, or the contest's solve where nothing is redone)."""
+    from loguru import logger
+
+    messages = []
+    sink = logger.add(lambda message: messages.append(message.record["message"]),
+                      level="INFO")
+    try:
+        modifier = CAEModifier(ignore=IGNORE, config_groups=GROUP32, guard="gptq",
+                               coefficient_candidates=[0.5], least_squares_candidate=True,
+                               holdout_every=holdout_every, candidate_row_stride=row_stride)
+        model = run_oneshot(tiny_model_dir, [modifier])
+    finally:
+        logger.remove(sink)
     summary = modifier.selection_summary()
     layers = len(model.model.layers)
     # q/k/v and gate/up are row-stacked: 4 solved units per layer
@@ -364,8 +433,19 @@ def test_guarded_oneshot_records_a_choice_per_solved_unit(tiny_model_dir, holdou
                             "self_attn.o_proj", "mlp.gate_proj + mlp.up_proj", "mlp.down_proj"}
     for counts in summary.values():
         assert set(counts) <= {"CAE", "CAE@0.5", GPTQ_LABEL, "least-squares"}
-    for name in targeted_linear_names(model):
-        assert torch.isfinite(model.get_submodule(name).weight).all()
+    winners = logged_winners(messages)
+    assert len(winners) == len(candidate_solves) == 4 * layers
+    assert {name for unit, _ in winners for name in unit.split(" + ")} == \
+        targeted_linear_names(model)
+    for (unit, winner), solves in zip(winners, candidate_solves):
+        written = torch.cat([model.get_submodule(name).weight for name in unit.split(" + ")])
+        expected = winner_weights(solves, winner).to(written.dtype)
+        assert written.shape == expected.shape, (unit, winner)
+        differing = int((written != expected).sum())
+        assert differing == 0, f"{unit}: {differing} weights differ from the winner {winner}'s"
+    # somewhere another candidate than the method won: writing the method's weights
+    # regardless of the winner would fail above
+    assert any(winner != "CAE" for _, winner in winners), winners
 
 
 def test_holdout_batches_are_kept_out_of_the_fit(tiny_model_dir, monkeypatch):
