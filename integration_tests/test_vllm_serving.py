@@ -43,8 +43,15 @@ THROUGHPUT = {"batch_size": 4, "prompt_len": 32, "output_len": 32, "rounds": 5,
 # is worse than GPTQ by a few percent on this model (the README's table), a broken zero
 # point by orders of magnitude.
 RTN_ASYM_VS_GPTQ_MARGIN = 1.5
-# Floor of the CAE/GPTQ throughput tolerance; the measured spread can only widen it.
-MIN_THROUGHPUT_TOLERANCE = 0.10
+# CAE's and GPTQ's checkpoints run the same kernel on the same shapes, so their median
+# generation throughputs (rounds interleaved) must agree within this fixed fraction.
+# It used to be max(0.10, the rounds' observed (max - min) / median): a noisy run then
+# excused any gap, the tolerance widening with the very noise it should see through.
+# No run's spreads are on record (the test printed them, and pytest -q drops the print
+# of a passing test), so 0.10 is the floor that was already in force, not a bound
+# derived from measured spreads; the assertion message now carries each model's rounds
+# and spread, so a failure records them.
+THROUGHPUT_TOLERANCE = 0.10
 
 
 def _weights(num_bits: int, symmetric: bool = True) -> dict:
@@ -167,13 +174,14 @@ def test_throughput_cae_matches_gptq(served):
     rounds = {name: served["models"][name]["throughput"][key]["tokens_per_s"]
               for name in THROUGHPUT["models"]}
     median = {name: statistics.median(values) for name, values in rounds.items()}
-    # Same kernel, same shapes: any gap beyond the round-to-round spread is a bug.
-    spread = max((max(rounds[n]) - min(rounds[n])) / median[n] for n in ("gptq", "cae"))
-    tolerance = max(MIN_THROUGHPUT_TOLERANCE, spread)
+    # round-to-round spread, (max - min) / median: reported, never a tolerance
+    spread = {name: (max(values) - min(values)) / median[name] for name, values in rounds.items()}
     ratio = median["cae"] / median["gptq"]
-    print(f"tokens/s medians {median}; CAE/GPTQ {ratio:.3f} (tolerance {tolerance:.3f}); "
-          f"CAE/dense {median['cae'] / median['dense']:.3f}")
-    assert abs(ratio - 1) <= tolerance, (rounds, ratio, tolerance)
+    report = (f"tokens/s rounds {rounds}; medians {median}; spreads {spread}; "
+              f"CAE/GPTQ {ratio:.3f} (tolerance {THROUGHPUT_TOLERANCE}); "
+              f"CAE/dense {median['cae'] / median['dense']:.3f}")
+    print(report)
+    assert abs(ratio - 1) <= THROUGHPUT_TOLERANCE, report
 
 
 def test_lm_eval_vllm_backend_perplexity(served):
