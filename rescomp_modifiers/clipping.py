@@ -159,20 +159,49 @@ def search_clipping(weights: torch.Tensor, hessians: torch.Tensor, quant_args: Q
         weighting = uncompensable_column_energy(hessians, percdamp, perm)
 
     grouped = _grouped(weights, group_size)
-    low, high = grouped.amin(-1), grouped.amax(-1)
     q_min, q_max = (float(bound) for bound in calculate_range(quant_args, weights.device))
-    best_error = torch.full_like(low, torch.inf)
-    best_scale = best_zero_point = None
+    scale = torch.empty(grouped.shape[:-1], dtype=torch.float32, device=weights.device)
+    zero_point = None
+    # a cache-sized chunk of rows at a time, every candidate range in turn: the chunk and
+    # one reused buffer stay in cache through the whole grid (as mse_search.py does)
+    chunk_rows = max(1, CHUNK_ELEMENTS // columns)
+    for item in range(batch):
+        for start in range(0, rows, chunk_rows):
+            part = slice(start, min(rows, start + chunk_rows))
+            values = grouped[item, part]
+            item_weighting = weighting[item:item + 1]
+            best = _search_chunk(values, item_weighting, objective, quant_args, q_min, q_max,
+                                 grid, max_shrink)
+            scale[item, part] = best[0]
+            if zero_point is None:
+                zero_point = torch.empty(grouped.shape[:-1], dtype=best[1].dtype,
+                                         device=weights.device)
+            zero_point[item, part] = best[1]
+    return scale, zero_point
+
+
+#: elements of a chunk of rows (1 MiB of float32; measured as mse_search.py's chunks)
+CHUNK_ELEMENTS = 262144
+
+
+def _search_chunk(values: torch.Tensor, weighting: torch.Tensor, objective, quant_args,
+                  q_min: float, q_max: float, grid: int, max_shrink: float):
+    """The best range of every group of ``values`` (``[rows, groups, g]``)."""
+    low, high = values.amin(-1), values.amax(-1)
+    buffer = torch.empty_like(values)
+    best_error = best_scale = best_zero_point = None
+    rows, groups, size = values.shape
     for step in range(int(max_shrink * grid) + 1):
         shrink = 1 - step / grid
         scale, zero_point = calculate_qparams(low * shrink, high * shrink, quant_args)
-        # compressed-tensors' fake quantization, operation for operation
+        # compressed-tensors' fake quantization, operation for operation, minus the weights
         zero = zero_point.to(torch.float32).unsqueeze(-1)
-        quantized = (torch.clamp(grouped / scale.unsqueeze(-1) + zero, q_min, q_max).round()
-                     - zero) * scale.unsqueeze(-1)
-        error = clipping_errors((quantized - grouped).reshape(batch, rows, columns),
-                                objective, group_size, weighting)
-        if best_scale is None:
+        torch.div(values, scale.unsqueeze(-1), out=buffer)
+        buffer.add_(zero).clamp_(q_min, q_max).round_().sub_(zero).mul_(scale.unsqueeze(-1))
+        buffer.sub_(values)
+        error = clipping_errors(buffer.reshape(1, rows, groups * size), objective, size,
+                                weighting)[0]
+        if best_error is None:
             best_error, best_scale, best_zero_point = error, scale, zero_point
             continue
         better = error < best_error

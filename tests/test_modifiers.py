@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import rescomp_modifiers
 import rescomp_modifiers.modifiers as modifiers_module
+import rescomp_modifiers.units as units_module
 from rescomp_modifiers import CAEModifier, FOEMModifier, GPTAQModifier
 from rescomp_modifiers.modifiers import CompensationModifier
 from rescomp_modifiers.full_precision_stream import MissingFullPrecisionStream
@@ -85,7 +86,7 @@ def test_row_stacked_solve_equals_one_solve_per_module(tiny_model_dir, monkeypat
     """Oracle: the same CAE run with stacking turned off (every module solved alone)."""
     recipe = [CAEModifier(ignore=IGNORE, config_groups=GROUP32, semantics="paper")]
     stacked = run_oneshot(tiny_model_dir, recipe).state_dict()
-    monkeypatch.setattr(modifiers_module, "_row_stackable", lambda modules: False)
+    monkeypatch.setattr(units_module, "row_stackable", lambda modules: False)
     recipe = [CAEModifier(ignore=IGNORE, config_groups=GROUP32, semantics="paper")]
     alone = run_oneshot(tiny_model_dir, recipe).state_dict()
     assert stacked.keys() == alone.keys()
