@@ -46,7 +46,7 @@ VARIANTS = {
     "recommended_rows4": ("CAEModifier", {"guard": "gptq", "observer": "memoryless_mse",
                                           "candidate_row_stride": 4}),
     # the default with a coarser MSE range search (10 shrink steps of 2% instead of 20 of
-    # 1%): the search is 0.21x GPTQ's time on a fast CPU (README, cost)
+    # 1%): the search is 0.21x GPTQ's time on a fast CPU (docs/design.md)
     "recommended_mse_grid50": ("CAEModifier", {"guard": "gptq", "observer": "memoryless_mse",
                                                "observer_kwargs": {"grid": 50},
                                                "candidate_row_stride": 4}),
@@ -59,7 +59,7 @@ VARIANTS = {
     "foem": ("FOEMModifier", {}),
     "foem_guard": ("FOEMModifier", {"guard": "gptq"}),
     # FOEM's released pull (f = 0.2) halved and quartered: does a smaller fixed pull stop
-    # the loss where FOEM is worse than GPTQ (the overshoot hypothesis, README)?
+    # the loss where FOEM is worse than GPTQ (the overshoot hypothesis, docs/usage.md)?
     "foem_f0.1": ("FOEMModifier", {"first_order_coefficient": 0.1}),
     "foem_f0.05": ("FOEMModifier", {"first_order_coefficient": 0.05}),
     "gptaq_guard": ("GPTAQModifier", {"guard": "gptq"}),

@@ -108,9 +108,9 @@ class CompensationModifier(GPTQModifier):
     coefficient_candidates: list[float] | None = None
     #: Also let the least-squares re-solve compete (Qronos-style: the GPTQ loop started
     #: from ``W* = W0 (H + D) Hd^-1``; needs the full-precision stream). Experimental:
-    #: on SmolLM2-135M W3 g64 without rotation it won the held-out layer error in 107 of
-    #: 120 units (0.86-0.95x GPTQ's) and the model's perplexity went from 177 (GPTQ) to
-    #: 1076, so the guard's layer-level judge does not protect against it.
+    #: on a small model without rotation it won most units' held-out layer error while
+    #: the model's perplexity got several times worse, so the guard's layer-level judge
+    #: does not protect against it.
     least_squares_candidate: bool = False
     #: With a guard or candidates: every ``holdout_every``-th calibration batch of a
     #: module is held out from the fit and used only to judge the candidates; the
@@ -129,7 +129,7 @@ class CompensationModifier(GPTQModifier):
     #: (:mod:`rescomp_modifiers.true_sequential`). False (default): one calibration
     #: pass per layer, every module seeing the layer's unquantized earlier modules.
     #: Runs in the dual-stream pipeline; each extra stage pass stops after its stage.
-    #: Measured on SmolLM2-135M (README): a few points more of GPTQ's gap closed, at
+    #: Measured on SmolLM2-135M (docs/usage.md): a few points more of GPTQ's gap closed, at
     #: about 1.8x the recommended default's oneshot time on CPU.
     true_sequential: bool = False
     #: How each group's clipping range is chosen (:mod:`rescomp_modifiers.clipping`).

@@ -26,7 +26,7 @@ stages instead:
   passes. Keeping them costs less memory than stashing every stage's inputs for all
   batches (``(3 + 1 + 3 + 8/3)`` hidden-sized activations per token on a Llama layer).
 
-Cost, measured in ``benchmarks/oneshot_cost.py`` (README): the stage passes re-run the
+Cost (``benchmarks/oneshot_cost.py --methods recommended_true_sequential``): the stage passes re-run the
 layer's beginning, about two more layer forwards per layer in each stream.
 """
 

@@ -46,7 +46,7 @@ def _compare_parser(sub) -> None:
                              "clamped (the papers use 0.9 at 4 bits; 1: no clipping; vLLM "
                              "does not apply it)")
     parser.add_argument("--semantics", choices=["released", "paper"], default=defaults.semantics,
-                        help="update semantics of our modifiers (README: semantics)")
+                        help="update semantics of our modifiers (docs/design.md: semantics)")
     parser.add_argument("--calibration", default=defaults.calibration,
                         help="'brown', 'sotu', a .txt/.jsonl file or dir, or a HF dataset id")
     parser.add_argument("--samples", type=int, default=defaults.samples,

@@ -82,7 +82,7 @@ class InvalidComparison(ValueError):
 
 @dataclass
 class CompareConfig:
-    """What to compare; defaults are the README's quick setting."""
+    """What to compare; defaults are scripts/main.sh's setting (docs/usage.md)."""
 
     model: str | None = None  #: HF id or local dir; None: embedded SmolLM2-135M
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
