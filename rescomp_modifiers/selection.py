@@ -18,13 +18,20 @@ every row. For the same reason GPTQ's candidate needs no loop of its own: its ro
 stacked under the method's and solved in the method's loop with every coefficient 0
 there (``rows_with_terms``), which is GPTQ's update exactly. The column loop's cost is
 mostly per column, not per row, so the pair costs about one solve.
+
+Sampling and stacking rows need each row's own scales. Every strategy the solver takes
+has them per row or tensor-wide except ``block`` (a scale per ``rows x columns`` tile,
+e.g. upstream's ``FP8_BLOCK``): the contest sees a block scale repeated on each row of
+its block, as blocks one row tall (:func:`_per_row_view`), which quantizes every row
+with the very scale the full solve gives it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from compressed_tensors.quantization import QuantizationStrategy
 from loguru import logger
 
 from rescomp_modifiers.compensation import (
@@ -95,6 +102,28 @@ def solve_candidate(candidate: Candidate, weights: torch.Tensor, statistics: Sta
         asymmetry=statistics.asymmetry, original_weights=original, terms=candidate.terms,
         percdamp=percdamp, **solver_options,
     )
+
+
+def _per_row_view(qparams: tuple, quant_args, rows: int) -> tuple[tuple, object]:
+    """``qparams`` (scale, zero point, global scale of one item) with a scale per row,
+    and the quantization arguments that read them so.
+
+    Block scales ``[1, ceil(rows / block_rows), column blocks]`` become
+    ``[1, rows, column blocks]``, each block's scale on every row of the block, read as
+    blocks of ``1 x block_columns``: row ``r`` keeps block ``r // block_rows``'s scale,
+    whichever rows are sampled or stacked. Other strategies are per row (channel, group,
+    tensor group) or tensor-wide (tensor, global scales) already and stay as they are.
+    """
+    if quant_args.strategy != QuantizationStrategy.BLOCK:
+        return qparams, quant_args
+    block_rows, block_columns = quant_args.block_structure
+    scale, zero_point, global_scale = qparams
+
+    def rows_of(tensor):
+        return None if tensor is None else tensor.repeat_interleave(block_rows, dim=1)[:, :rows]
+
+    return ((rows_of(scale), rows_of(zero_point), global_scale),
+            quant_args.model_copy(update={"block_structure": [1, block_columns]}))
 
 
 def _per_row(tensor: torch.Tensor | None, rows: int) -> bool:
@@ -189,9 +218,10 @@ def select_and_solve(candidates: list[Candidate], weights: torch.Tensor, fit: St
         options = dict(solver_options, percdamp=percdamp)
         item_fit, item_judge = fit.item(index), judge.item(index)
         contest_weights = _sample_rows(weights[item], rows, row_stride)
-        contest_qparams = tuple(_sample_rows(tensor, rows, row_stride) for tensor in qparams)
+        row_qparams, contest_args = _per_row_view(qparams, quant_args, rows)
+        contest_qparams = tuple(_sample_rows(tensor, rows, row_stride) for tensor in row_qparams)
         results = _solve_contest(candidates, contest_weights, item_fit, contest_qparams,
-                                 quant_args, **options)
+                                 contest_args, **options)
         # W0 D of the judging tokens: the same for every candidate
         shared = (None if item_judge.asymmetry is None else
                   weights_times_asymmetry(contest_weights, item_judge.asymmetry))
@@ -208,7 +238,10 @@ def select_and_solve(candidates: list[Candidate], weights: torch.Tensor, fit: St
                         else None)
         winners.append(winner)
         if refit is None and row_stride == 1:
-            chosen.append(results[winner])
+            # the contest's solve of every row is the result; its scales go back to
+            # the observer's layout (a block's static scale is never changed)
+            chosen.append(results[winner] if contest_args is quant_args else
+                          replace(results[winner], scale=qparams[0], zero_point=qparams[1]))
         else:
             candidate = next(c for c in candidates if c.label == winner)
             final = fit if refit is None else refit
