@@ -7,6 +7,15 @@ coefficient candidates every ``holdout_every``-th batch of a module goes to a se
 of sums, used only to judge the candidates; :meth:`CalibrationStatistics.pop` hands the
 solver the three views it needs: ``fit`` (what the candidates are solved on), ``judge``
 (what they are scored on) and ``refit`` (fit plus held-out: the winner's final solve).
+
+Which batches are held out follows the calibration order, so with oneshot's shuffling
+(``shuffle_calibration_samples``, its default) that order must be the recipe's, not the
+process's: llm-compressor's shuffling sampler draws its permutation from torch's default
+CPU generator when the pipeline reads the dataloader, right after calibration starts.
+:func:`seed_calibration_order` seeds that generator there with the modifier's
+``shuffle_seed`` and :func:`restore_caller_generator` puts the caller's state back when
+calibration ends, so the same recipe, model and data give the same checkpoint on every
+run. Without shuffling the order is the dataset's, and the seed changes nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +27,36 @@ from rescomp_modifiers.activation_statistics import GroupedStatistics, SharedSum
 from rescomp_modifiers.selection import Statistics
 from rescomp_modifiers.upstream import accumulate_hessian, all_reduce_to, make_empty_hessian
 
-__all__ = ["CalibrationStatistics"]
+__all__ = ["CalibrationStatistics", "seed_calibration_order", "restore_caller_generator"]
+
+#: the session state's attribute that holds ``(caller's CPU generator state, seed)``
+#: while a run's calibration order is seeded (a new oneshot starts with a new state)
+_SEEDED_ORDER_ATTRIBUTE = "rescomp_seeded_calibration_order"
+
+
+def seed_calibration_order(state, seed: int, owner: str) -> None:
+    """Seed torch's default CPU generator for this calibration's order, once per
+    calibration: modifiers calibrating together share one order, so their seeds must
+    agree. The caller's generator state is kept on the session ``state``."""
+    held = getattr(state, _SEEDED_ORDER_ATTRIBUTE, None)
+    if held is not None:
+        if held[1] != seed:
+            raise ValueError(
+                f"{owner}: shuffle_seed {seed} differs from the {held[1]} of another "
+                "guarded modifier calibrating with it; they share one calibration order: "
+                "set the same shuffle_seed on both.")
+        return
+    setattr(state, _SEEDED_ORDER_ATTRIBUTE, (torch.random.get_rng_state(), seed))
+    torch.random.default_generator.manual_seed(seed)
+
+
+def restore_caller_generator(state) -> None:
+    """Put back the CPU generator state :func:`seed_calibration_order` found (no-op
+    when nothing was seeded, or it is restored already)."""
+    held = getattr(state, _SEEDED_ORDER_ATTRIBUTE, None)
+    if held is not None:
+        torch.random.set_rng_state(held[0])
+        setattr(state, _SEEDED_ORDER_ATTRIBUTE, None)
 
 
 class CalibrationStatistics:

@@ -26,7 +26,11 @@ from pydantic import PrivateAttr, field_validator, model_validator
 from torch import distributed as dist
 
 from rescomp_modifiers.activation_statistics import supports_shared_statistics
-from rescomp_modifiers.calibration_statistics import CalibrationStatistics
+from rescomp_modifiers.calibration_statistics import (
+    CalibrationStatistics,
+    restore_caller_generator,
+    seed_calibration_order,
+)
 from rescomp_modifiers.checkpoint import make_save_atomic
 from rescomp_modifiers.checks import check_before_calibration
 from rescomp_modifiers.clipping import ClippingObjective
@@ -123,6 +127,15 @@ class CompensationModifier(GPTQModifier):
     #: the rows of the very same contest (the judge's cost falls by the stride); 1
     #: (default) judges on every row. The recommended default uses 4.
     candidate_row_stride: int = 1
+    #: With a guard or candidates: the seed of the calibration order when oneshot
+    #: shuffles the samples (``shuffle_calibration_samples``, on by default). The held-out
+    #: batches are every ``holdout_every``-th of that order, so it is seeded from the
+    #: recipe, not from whatever the process drew before: the same recipe, model and
+    #: data give the same checkpoint on every run. Another seed draws another order
+    #: (and, with fewer samples than the dataset, other samples). Without shuffling the
+    #: order is the dataset's and the seed changes nothing. The caller's generator state
+    #: is restored when calibration ends.
+    shuffle_seed: int = 0
     #: True-sequential statistics, as the research code calibrates: within each decoder
     #: layer, q/k/v are solved first, then o_proj's statistics are gathered with q/k/v
     #: already quantized, then gate/up, then down_proj
@@ -157,6 +170,13 @@ class CompensationModifier(GPTQModifier):
         if value < 1:
             raise ValueError(f"candidate_row_stride must be >= 1 (1: judge on every row), "
                              f"got {value}")
+        return value
+
+    @field_validator("shuffle_seed")
+    @classmethod
+    def _validate_shuffle_seed(cls, value):
+        if not 0 <= value < 2**63:
+            raise ValueError(f"shuffle_seed must be an integer from 0 to 2**63 - 1, got {value}")
         return value
 
     @field_validator("holdout_every")
@@ -200,11 +220,11 @@ class CompensationModifier(GPTQModifier):
                 "FOEMModifier(use_asymmetric_statistics=True)), or give oneshot "
                 "sequential_targets=['Linear'] for true-sequential GPTQ statistics.")
         # by value, not by fields set: a saved recipe spells out every field
-        unused = [field for field in ("holdout_every", "candidate_row_stride")
+        unused = [field for field in ("holdout_every", "candidate_row_stride", "shuffle_seed")
                   if getattr(self, field) != type(self).model_fields[field].default]
         if unused and not self.selects_candidates:
             raise ValueError(
-                f"{name}: {' and '.join(unused)} only act with a guard or candidates "
+                f"{name}: {', '.join(unused)} only act with a guard or candidates "
                 "(guard: gptq, coefficient_candidates or least_squares_candidate); remove "
                 f"{'them' if len(unused) > 1 else 'it'} or set guard: gptq.")
         return self
@@ -277,6 +297,8 @@ class CompensationModifier(GPTQModifier):
                 "`pipeline` unset or set `pipeline='dual_stream'`."
             )
         check_before_calibration(self, state.model, self._hooked_modules())
+        if self.selects_candidates:  # the pipeline reads the dataloader after this event
+            seed_calibration_order(state, self.shuffle_seed, type(self).__name__)
         super().on_calibration_start(state, event, **kwargs)
         self._calibration = CalibrationStatistics(
             self.holdout_every if self.selects_candidates else 0)
@@ -319,6 +341,7 @@ class CompensationModifier(GPTQModifier):
             self._calibration.add_unshared(module, args[0], device)
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
+        restore_caller_generator(state)
         self._calibration.collect()
         super().on_calibration_end(state, event, **kwargs)
         if self._fp_stream is not None:
@@ -399,6 +422,7 @@ class CompensationModifier(GPTQModifier):
         return {} if self._selection_log is None else self._selection_log.summary()
 
     def on_finalize(self, state: State, **kwargs) -> bool:
+        restore_caller_generator(state)  # calibration may have stopped before its end
         if self._selection_log is not None:
             self._selection_log.log_summary()
         unsolved = self._calibration.modules()

@@ -19,7 +19,7 @@ from rescomp_modifiers.selection import (
     solve_candidate,
 )
 
-from helpers import VOCAB, make_tokenizer, run_oneshot
+from helpers import GROUP32, IGNORE, VOCAB, make_tokenizer, run_oneshot
 
 
 # -- 1. the guard with every weight strategy the solver takes ---------------------------
@@ -153,3 +153,42 @@ def test_guarded_oneshot_with_the_fp8_block_preset(tmp_path, row_stride):
     proj = model.model.layers[0].self_attn.q_proj
     assert proj.weight_scale.shape == (2, 2)
     assert torch.isfinite(proj.weight).all()
+
+
+# -- 2. guarded runs are reproducible -----------------------------------------------------
+
+def _safetensors(directory: Path) -> bytes:
+    return (directory / "model.safetensors").read_bytes()
+
+
+def test_a_guarded_run_with_shuffling_gives_the_same_checkpoint_every_time(tiny_model_dir,
+                                                                         tmp_path):
+    """The calibration order under oneshot's shuffle (its default) follows the recipe's
+    ``shuffle_seed``, not whatever the process drew from torch's generator before.
+
+    Before: the held-out batches followed llm-compressor's unseeded shuffle: the two
+    checkpoints differed (model.layers.1.mlp.gate_proj/up_proj: GPTQ chosen in one run,
+    GPTAQ in the other)."""
+    for run, process_state in enumerate((3, 4)):
+        torch.manual_seed(process_state)  # what the process did before oneshot
+        model = run_oneshot(tiny_model_dir, [GPTAQModifier(
+            ignore=IGNORE, config_groups=GROUP32, guard="gptq",
+            coefficient_candidates=[0.125, 0.5])])
+        model.save_pretrained(tmp_path / f"run{run}")
+    assert _safetensors(tmp_path / "run0") == _safetensors(tmp_path / "run1")
+    assert "shuffle_seed: 0" in (tmp_path / "run0" / "recipe.yaml").read_text()
+
+
+def test_the_seed_leaves_unshuffled_runs_and_the_callers_generator_alone(tiny_model_dir):
+    """Without shuffling the seed changes nothing, and the caller's random stream goes
+    on after oneshot as if the seed had never been set."""
+    states = []
+    for seed in (0, 7):
+        torch.manual_seed(5)
+        model = run_oneshot(tiny_model_dir, [GPTAQModifier(
+            ignore=IGNORE, config_groups=GROUP32, guard="gptq", shuffle_seed=seed)],
+            shuffle_calibration_samples=False)
+        states.append(({k: v.clone() for k, v in model.state_dict().items()}, torch.rand(3)))
+    (first, after_first), (second, after_second) = states
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert torch.equal(after_first, after_second)
