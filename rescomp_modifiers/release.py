@@ -18,6 +18,13 @@ counts the live models)::
             model = load()
             oneshot(model=model, recipe=recipe, ...)
             evaluate(model)
+
+What the session knew of the last run stays for after the block, without the objects
+that hold the model: its recipe, rebuilt from its YAML (a ``save_pretrained`` after the
+block writes the same ``recipe.yaml`` as one inside it), and the dual-stream drift
+(:func:`~rescomp_modifiers.pipeline.last_drift`). The next ``oneshot`` replaces both, as
+it would without the block. A recipe that cannot be rebuilt from its YAML is not kept,
+with a warning that a later save writes an empty recipe.
 """
 
 from __future__ import annotations
@@ -25,13 +32,16 @@ from __future__ import annotations
 import contextlib
 import gc
 
+from loguru import logger
+
 __all__ = ["releasing_oneshot_models"]
 
 
 @contextlib.contextmanager
 def releasing_oneshot_models():
     """Release, when the block ends, what llm-compressor and torch.fx keep of the
-    ``oneshot`` runs inside it, so their models are freed once the caller drops them."""
+    ``oneshot`` runs inside it, so their models are freed once the caller drops them.
+    The last run's recipe and drift stay in the session (module docstring)."""
     from llmcompressor.core import active_session
 
     from rescomp_modifiers.upstream import fx_wrapped_functions
@@ -41,7 +51,45 @@ def releasing_oneshot_models():
     try:
         yield
     finally:
-        active_session().reset()
+        session = active_session()
+        recipe, drift = _recipe_without_the_model(session), _drift(session)
+        session.reset()
+        if recipe is not None:
+            session.lifecycle.recipe = recipe
+        if drift:
+            from rescomp_modifiers.pipeline import DRIFT_STATE_ATTRIBUTE
+
+            setattr(session.state, DRIFT_STATE_ATTRIBUTE, drift)
         for key in set(wrapped) - registered_before:
             del wrapped[key]
         gc.collect()
+
+
+def _recipe_without_the_model(session):
+    """The session's recipe, rebuilt from its YAML: the same ``recipe.yaml`` when saved,
+    with modifiers that never saw the model. None when there is none or it cannot be
+    rebuilt (said in a warning)."""
+    from llmcompressor.recipe import Recipe
+
+    recipe = session.lifecycle.recipe
+    if not recipe.modifiers:
+        return None
+    text = recipe.yaml()
+    try:
+        rebuilt = Recipe.create_instance(text)
+        if rebuilt.yaml() != text:
+            raise ValueError("its YAML reads back differently")
+    except Exception as error:  # any modifier's validation
+        logger.warning(
+            f"releasing_oneshot_models: the recipe of the last oneshot is not kept "
+            f"({type(error).__name__}: {' '.join(str(error).split())[:200]}): a "
+            "save_pretrained after this block writes an empty recipe.yaml (default_stage: "
+            "{}); save inside the block to keep it.")
+        return None
+    return rebuilt
+
+
+def _drift(session) -> list:
+    from rescomp_modifiers.pipeline import last_drift
+
+    return last_drift(session)

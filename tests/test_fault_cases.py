@@ -2,15 +2,20 @@
 fixed at the start. One test (or one parametrized test) per case; each failed on the
 main branch before the fix (the failure seen there is in its docstring)."""
 
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from compressed_tensors.quantization import QuantizationArgs, preset_name_to_scheme
+from llmcompressor.modifiers.gptq import GPTQModifier
 
+import rescomp_modifiers
 import rescomp_modifiers.selection as selection_module
 from rescomp_modifiers import GPTAQModifier
 from rescomp_modifiers.compensation import CompensationTerms
+from rescomp_modifiers.release import releasing_oneshot_models
 from rescomp_modifiers.selection import (
     GPTQ_LABEL,
     Candidate,
@@ -192,3 +197,27 @@ def test_the_seed_leaves_unshuffled_runs_and_the_callers_generator_alone(tiny_mo
     (first, after_first), (second, after_second) = states
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert torch.equal(after_first, after_second)
+
+
+# -- 5. a save after releasing_oneshot_models() ------------------------------------------
+
+@pytest.mark.parametrize("modifier", [GPTAQModifier, GPTQModifier])
+def test_a_save_after_the_release_keeps_the_recipe_and_the_drift(tiny_model_dir, tmp_path,
+                                                                 modifier):
+    """Before: the save wrote ``default_stage: {}`` as recipe.yaml and last_drift()
+    returned [], both silently."""
+    with releasing_oneshot_models():
+        model = run_oneshot(tiny_model_dir, [modifier(ignore=IGNORE, config_groups=GROUP32)])
+        drift = rescomp_modifiers.last_drift()
+        model.save_pretrained(tmp_path / "inside")
+    assert bool(drift) == (modifier is GPTAQModifier)  # the dual-stream pipeline's record
+    assert rescomp_modifiers.last_drift() == drift
+    model.save_pretrained(tmp_path / "after")
+    recipe = (tmp_path / "after" / "recipe.yaml").read_text()
+    assert modifier.__name__ in recipe
+    assert recipe == (tmp_path / "inside" / "recipe.yaml").read_text()
+    # what the release is for still holds: nothing kept holds the model
+    reference = weakref.ref(model)
+    del model
+    gc.collect()
+    assert reference() is None
