@@ -69,16 +69,13 @@ def _recipe_without_the_model(session):
     """The session's recipe, rebuilt from its YAML: the same ``recipe.yaml`` when saved,
     with modifiers that never saw the model. None when there is none or it cannot be
     rebuilt (said in a warning)."""
-    from llmcompressor.recipe import Recipe
+    from rescomp_modifiers.upstream import recipe_without_modifier_state
 
     recipe = session.lifecycle.recipe
     if not recipe.modifiers:
         return None
-    text = recipe.yaml()
     try:
-        rebuilt = Recipe.create_instance(text)
-        if rebuilt.yaml() != text:
-            raise ValueError("its YAML reads back differently")
+        return recipe_without_modifier_state(recipe)
     except Exception as error:  # any modifier's validation
         logger.warning(
             f"releasing_oneshot_models: the recipe of the last oneshot is not kept "
@@ -86,7 +83,6 @@ def _recipe_without_the_model(session):
             "save_pretrained after this block writes an empty recipe.yaml (default_stage: "
             "{}); save inside the block to keep it.")
         return None
-    return rebuilt
 
 
 def _drift(session) -> list:

@@ -80,6 +80,11 @@ from compressed_tensors.quantization.utils import (  # noqa: E402
     calculate_range,
 )
 from compressed_tensors.utils import get_execution_device, getattr_chain  # noqa: E402
+# -- releasing_oneshot_models keeps the last run's recipe without its modifiers (which
+# -- hold the model): rebuilt from its YAML into the reset session's lifecycle, where
+# -- upstream's save_pretrained reads the recipe it writes
+from llmcompressor.core.lifecycle import CompressionLifecycle  # noqa: E402
+from llmcompressor.recipe import Recipe  # noqa: E402
 from compressed_tensors.utils.impl_backend import ImplBackend  # noqa: E402
 
 __all__ = [
@@ -94,7 +99,8 @@ __all__ = [
     "quantized_forward", "calculate_qparams", "calculate_range", "get_execution_device",
     "getattr_chain", "ImplBackend", "observer_hook_handles", "route_pipeline_inference",
     "restore_pipeline_inference", "all_reduce_to",
-    "fx_wrapped_functions", "load_observer", "CONTRACT", "contract_violations",
+    "fx_wrapped_functions", "load_observer", "Recipe", "recipe_without_modifier_state",
+    "CONTRACT", "contract_violations",
 ]
 
 GPTQ_Q_PARAMS = _GPTQ_Q_PARAMS
@@ -168,6 +174,22 @@ def fx_wrapped_functions() -> dict:
     return getattr(_symbolic_trace, "_wrapped_fns_to_patch", {})
 
 
+def recipe_without_modifier_state(recipe):
+    """``recipe`` rebuilt from its own YAML: the modifiers it names, as a recipe file
+    would create them, holding nothing of a run (no model). Raises ValueError when the
+    rebuilt recipe's YAML differs, so a later save would not write the same recipe.
+
+    Why: llm-compressor's ``save_pretrained`` writes ``recipe.yaml`` from the active
+    session's ``lifecycle.recipe``; resetting the session (to free the model, release.py)
+    empties it, and the run's own modifiers cannot be kept without keeping the model.
+    """
+    text = recipe.yaml()
+    rebuilt = Recipe.create_instance(text)
+    if rebuilt.yaml() != text:
+        raise ValueError("its YAML reads back as another recipe")
+    return rebuilt
+
+
 def load_observer(name: str, args):
     """A weight observer from llm-compressor's registry, outside any module."""
     from llmcompressor.observers import Observer
@@ -215,6 +237,11 @@ CONTRACT = [
      ["min_vals", "max_vals", "quantization_args", "global_scale"]),
     ("compressed_tensors.utils.impl_backend.ImplBackend.register",
      lambda: ImplBackend.register, None),
+    ("llmcompressor.recipe.Recipe.create_instance", lambda: Recipe.create_instance,
+     ["path_or_modifiers"]),
+    ("llmcompressor.recipe.Recipe.yaml", lambda: Recipe.yaml, ["file_path"]),
+    ("llmcompressor.core.lifecycle.CompressionLifecycle.recipe",
+     lambda: CompressionLifecycle.__dataclass_fields__["recipe"], None),
     ("llmcompressor.modifiers.factory.ModifierFactory.register",
      lambda: ModifierFactory.register, None),
     ("torch.fx._symbolic_trace._wrapped_fns_to_patch",
