@@ -23,6 +23,10 @@ wherever compressed-tensors' forward runs in a process that imported the plugin:
 modifiers' quantized stream, and a checkpoint reloaded in transformers. vLLM does not
 read the option: :func:`rescomp_harness.serving.checkpoint_servable` refuses such
 checkpoints rather than serve them unclipped.
+
+The ratio is checked whenever a quantization modifier resolves its scheme (stock
+``GPTQModifier`` too, :func:`check_clip_ratios`): when oneshot initializes it, before
+any calibration, instead of at the quantized model's first forward.
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ import math
 
 from compressed_tensors.quantization import DynamicType, QuantizationArgs
 
+from rescomp_modifiers.upstream import check_resolved_quantization_configs
 from rescomp_modifiers.upstream import quantized_forward as _forward
 
-__all__ = ["CLIP_RATIO", "activation_clip_ratio", "install_activation_clipping"]
+__all__ = ["CLIP_RATIO", "activation_clip_ratio", "check_clip_ratios",
+           "install_activation_clipping"]
 
 #: the key in ``QuantizationArgs.observer_kwargs`` that holds the ratio
 CLIP_RATIO = "clip_ratio"
@@ -58,6 +64,20 @@ def activation_clip_ratio(args: QuantizationArgs | None) -> float | None:
     return float(ratio)
 
 
+def check_clip_ratios(name: str, config) -> None:
+    """Refuse a clip ratio in a resolved quantization ``config`` that would be ignored
+    or meaningless, naming the modifier ``name``, the config group and the quantizer."""
+    quantizers = {f"config group {group!r}, {field}": getattr(scheme, field)
+                  for group, scheme in config.config_groups.items()
+                  for field in ("weights", "input_activations", "output_activations")}
+    quantizers["kv_cache_scheme"] = config.kv_cache_scheme
+    for where, args in quantizers.items():
+        try:
+            activation_clip_ratio(args)
+        except ValueError as error:
+            raise ValueError(f"{name}: {where}: {error}") from None
+
+
 _upstream_dynamic_qparams = _forward.compute_dynamic_scales_and_zp
 
 
@@ -73,5 +93,8 @@ def _dynamic_qparams(value, args, module, global_scale=None):
 def install_activation_clipping() -> None:
     """Route compressed-tensors' quantized forward through :func:`_dynamic_qparams`.
     ``forward_quantize`` looks the function up in its module at every call; installing
-    twice is harmless."""
+    twice is harmless. Every quantization modifier's resolved scheme is checked from
+    then on (:func:`check_clip_ratios`)."""
     _forward.compute_dynamic_scales_and_zp = _dynamic_qparams
+    check_resolved_quantization_configs(
+        lambda modifier, config: check_clip_ratios(type(modifier).__name__, config))

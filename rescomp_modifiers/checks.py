@@ -9,7 +9,6 @@ from compressed_tensors import TRANSFORM_CONFIG_NAME
 from compressed_tensors.quantization import QuantizationStrategy
 from loguru import logger
 
-from rescomp_modifiers.activation_clipping import activation_clip_ratio
 from rescomp_modifiers.clipping import CLIPPING_STRATEGIES, ClippingObjective
 from rescomp_modifiers.compensation import GroupScales
 
@@ -18,11 +17,11 @@ __all__ = ["check_before_calibration"]
 
 def check_before_calibration(modifier, model: torch.nn.Module, modules) -> None:
     """Refuse what would fail late or silently, and warn where the configuration was
-    measured worse than GPTQ."""
+    measured worse than GPTQ. (The scheme's clip ratios were checked as it resolved,
+    :func:`~rescomp_modifiers.activation_clipping.check_clip_ratios`.)"""
     config = modifier.resolve_quantization_config()
     name = type(modifier).__name__
     _check_finite_weights(name, modules, modifier._module_names)
-    _check_clip_ratios(name, config)
     _check_clipping(name, modifier.clipping, modifier.group_scales, config)
     _warn_where_measured_worse_after_rotation(modifier, config, model)
 
@@ -36,20 +35,6 @@ def _check_finite_weights(name: str, modules, module_names) -> None:
         raise ValueError(
             f"{name}: the weights of {shown} contain NaN or Inf before quantization; fix "
             "or reload the model (or add these modules to `ignore`).")
-
-
-def _check_clip_ratios(name: str, config) -> None:
-    """A clip ratio applies to dynamic activation quantizers only
-    (activation_clipping.py): refuse one that would be ignored or meaningless."""
-    quantizers = {f"config group {group!r}, {field}": getattr(scheme, field)
-                  for group, scheme in config.config_groups.items()
-                  for field in ("weights", "input_activations", "output_activations")}
-    quantizers["kv_cache_scheme"] = config.kv_cache_scheme
-    for where, args in quantizers.items():
-        try:
-            activation_clip_ratio(args)
-        except ValueError as error:
-            raise ValueError(f"{name}: {where}: {error}") from None
 
 
 def _check_clipping(name: str, clipping: ClippingObjective, group_scales: GroupScales,

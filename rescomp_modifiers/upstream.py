@@ -15,6 +15,7 @@ is used, as any llm-compressor user would.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from importlib.metadata import version
 
@@ -80,6 +81,10 @@ from compressed_tensors.quantization.utils import (  # noqa: E402
     calculate_range,
 )
 from compressed_tensors.utils import get_execution_device, getattr_chain  # noqa: E402
+# -- every quantization modifier (stock GPTQ too) resolves its scheme through this method
+# -- when oneshot initializes it, before calibration: where scheme options that only the
+# -- plugin reads are checked (check_resolved_quantization_configs)
+from llmcompressor.modifiers.quantization import QuantizationMixin  # noqa: E402
 # -- releasing_oneshot_models keeps the last run's recipe without its modifiers (which
 # -- hold the model): rebuilt from its YAML into the reset session's lifecycle, where
 # -- upstream's save_pretrained reads the recipe it writes
@@ -99,7 +104,8 @@ __all__ = [
     "quantized_forward", "calculate_qparams", "calculate_range", "get_execution_device",
     "getattr_chain", "ImplBackend", "observer_hook_handles", "route_pipeline_inference",
     "restore_pipeline_inference", "all_reduce_to",
-    "fx_wrapped_functions", "load_observer", "Recipe", "recipe_without_modifier_state",
+    "fx_wrapped_functions", "load_observer", "check_resolved_quantization_configs",
+    "Recipe", "recipe_without_modifier_state",
     "CONTRACT", "contract_violations",
 ]
 
@@ -174,6 +180,32 @@ def fx_wrapped_functions() -> dict:
     return getattr(_symbolic_trace, "_wrapped_fns_to_patch", {})
 
 
+def check_resolved_quantization_configs(check) -> None:
+    """Call ``check(modifier, config)`` on every quantization config a quantization
+    modifier resolves; an error it raises stops the modifier there. Idempotent (the
+    last ``check`` installed is the one called).
+
+    Why: a scheme option that only this plugin reads (the activation clip ratio,
+    activation_clipping.py) is checked by no stock modifier: under ``GPTQModifier`` a
+    ratio of 1.5 was written into the checkpoint and failed at its first forward.
+    ``QuantizationMixin.resolve_quantization_config`` is what every quantization modifier
+    (GPTQ, QuantizationModifier, ours) reads its scheme through, at the latest in
+    ``on_initialize`` when oneshot starts (``resolved_config``), before any calibration;
+    modifiers that need no calibration data read it when the recipe is parsed.
+    """
+    current = QuantizationMixin.resolve_quantization_config
+    resolve = getattr(current, "_rescomp_unchecked", current)
+
+    @functools.wraps(resolve)
+    def checked(self):
+        config = resolve(self)
+        check(self, config)
+        return config
+
+    checked._rescomp_unchecked = resolve
+    QuantizationMixin.resolve_quantization_config = checked
+
+
 def recipe_without_modifier_state(recipe):
     """``recipe`` rebuilt from its own YAML: the modifiers it names, as a recipe file
     would create them, holding nothing of a run (no model). Raises ValueError when the
@@ -237,6 +269,11 @@ CONTRACT = [
      ["min_vals", "max_vals", "quantization_args", "global_scale"]),
     ("compressed_tensors.utils.impl_backend.ImplBackend.register",
      lambda: ImplBackend.register, None),
+    ("llmcompressor.modifiers.quantization.QuantizationMixin.resolve_quantization_config",
+     lambda: getattr(QuantizationMixin.resolve_quantization_config, "_rescomp_unchecked",
+                     QuantizationMixin.resolve_quantization_config), ["self"]),
+    ("llmcompressor.modifiers.quantization.QuantizationMixin.resolved_config",
+     lambda: QuantizationMixin.resolved_config, None),
     ("llmcompressor.recipe.Recipe.create_instance", lambda: Recipe.create_instance,
      ["path_or_modifiers"]),
     ("llmcompressor.recipe.Recipe.yaml", lambda: Recipe.yaml, ["file_path"]),

@@ -24,7 +24,8 @@ from rescomp_modifiers.selection import (
     solve_candidate,
 )
 
-from helpers import GROUP32, IGNORE, VOCAB, make_tokenizer, run_oneshot
+from helpers import GROUP32, IGNORE, TOKEN_INT4, VOCAB, WEIGHTS_INT4_G32, make_tokenizer, \
+    run_oneshot
 
 
 # -- 1. the guard with every weight strategy the solver takes ---------------------------
@@ -221,3 +222,21 @@ def test_a_save_after_the_release_keeps_the_recipe_and_the_drift(tiny_model_dir,
     del model
     gc.collect()
     assert reference() is None
+
+
+# -- 6. late failures and silent no-ops -------------------------------------------------
+
+def test_a_clip_ratio_above_one_is_refused_before_stock_gptq_calibrates(tiny_model_dir,
+                                                                       monkeypatch):
+    """Before: oneshot wrote the ratio into the model and returned; the first forward
+    then failed (``ValueError: observer_kwargs.clip_ratio must be a number in (0, 1]
+    ...; got 1.5``)."""
+    groups = {"group_0": {"targets": ["Linear"], "weights": dict(WEIGHTS_INT4_G32),
+                          "input_activations": {**TOKEN_INT4,
+                                                "observer_kwargs": {"clip_ratio": 1.5}}}}
+    monkeypatch.setattr(GPTQModifier, "on_calibration_start",
+                        lambda *_, **__: pytest.fail("checked before calibration"))
+    with pytest.raises(ValueError, match=r"GPTQModifier: config group 'group_0', "
+                                         r"input_activations: observer_kwargs.clip_ratio "
+                                         r"must be a number in \(0, 1\].*got 1.5"):
+        run_oneshot(tiny_model_dir, [GPTQModifier(ignore=IGNORE, config_groups=groups)])
