@@ -9,14 +9,49 @@ of each batch; the modifiers' hooks pop the twin in the quantized pass that foll
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import deque
 
 import torch
 
-__all__ = ["FullPrecisionStream", "MissingFullPrecisionStream", "PIPELINE_NAME"]
+__all__ = ["FullPrecisionStream", "MissingFullPrecisionStream", "PIPELINE_NAME",
+           "FULL_PRECISION_CACHE_DEVICE_ENV", "cache_device", "cache_device_override"]
 
 #: the calibration pipeline that provides the stream (rescomp_modifiers/pipeline.py)
 PIPELINE_NAME = "dual_stream"
+
+#: overrides where the FP stream's activation cache lives (a torch device string)
+FULL_PRECISION_CACHE_DEVICE_ENV = "RESCOMP_FULL_PRECISION_CACHE_DEVICE"
+
+
+def cache_device(value: str, setting: str) -> torch.device:
+    """``value`` (of ``setting``, named in the errors) as a device that can hold an
+    activation cache: the CPU or an accelerator torch sees. ``meta`` holds no data."""
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise ValueError(
+            f"{setting}={value!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "meta":
+        raise ValueError(
+            f"{setting}={value!r}: meta tensors hold no data and the full-precision cache "
+            "holds the activations: use cpu, cuda or cuda:N")
+    backend = getattr(torch, device.type, None)
+    if not callable(getattr(backend, "is_available", None)) or not backend.is_available():
+        kind = "CUDA" if device.type == "cuda" else repr(device.type)
+        raise ValueError(
+            f"{setting}={value!r}: the full-precision cache device is {value!r} but torch "
+            f"sees no {kind} device: set {FULL_PRECISION_CACHE_DEVICE_ENV} (or "
+            "sequential_offload_device) to cpu.")
+    return device
+
+
+def cache_device_override() -> torch.device | None:
+    """``$RESCOMP_FULL_PRECISION_CACHE_DEVICE`` as a device (None: not set), checked."""
+    value = os.environ.get(FULL_PRECISION_CACHE_DEVICE_ENV)
+    return cache_device(value, FULL_PRECISION_CACHE_DEVICE_ENV) if value else None
 
 
 class MissingFullPrecisionStream(RuntimeError):

@@ -44,6 +44,7 @@ from rescomp_modifiers.full_precision_stream import (
     PIPELINE_NAME,
     FullPrecisionStream,
     MissingFullPrecisionStream,
+    cache_device_override,
 )
 from rescomp_modifiers.mse_search import in_place_mse_search
 from rescomp_modifiers.selection import SelectionLog, Statistics, build_candidates
@@ -219,6 +220,8 @@ class CompensationModifier(GPTQModifier):
                 "(GPTAQModifier, CAEModifier(statistics='gptaq'), "
                 "FOEMModifier(use_asymmetric_statistics=True)), or give oneshot "
                 "sequential_targets=['Linear'] for true-sequential GPTQ statistics.")
+        if self.needs_full_precision_stream:
+            cache_device_override()  # $RESCOMP_FULL_PRECISION_CACHE_DEVICE, if set
         # by value, not by fields set: a saved recipe spells out every field
         unused = [field for field in ("holdout_every", "candidate_row_stride", "shuffle_seed")
                   if getattr(self, field) != type(self).model_fields[field].default]

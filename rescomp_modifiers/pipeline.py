@@ -30,7 +30,6 @@ elsewhere (e.g. ``cuda:0`` to save the transfers when the accelerator has the ro
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +37,13 @@ from llmcompressor.core import CompressionSession, LifecycleCallbacks, active_se
 from loguru import logger
 from tqdm import tqdm
 
-from rescomp_modifiers.full_precision_stream import PIPELINE_NAME, FullPrecisionStream
+from rescomp_modifiers.full_precision_stream import (
+    FULL_PRECISION_CACHE_DEVICE_ENV,
+    PIPELINE_NAME,
+    FullPrecisionStream,
+    cache_device,
+    cache_device_override,
+)
 from rescomp_modifiers.modifiers import CompensationModifier
 from rescomp_modifiers.quantized_stream import QuantizedStreamActivations
 from rescomp_modifiers.upstream import (
@@ -65,30 +70,15 @@ from rescomp_modifiers.true_sequential import (
 
 __all__ = [
     "DualStreamPipeline", "DriftRecord", "last_drift",
-    "full_precision_cache_device",
+    "full_precision_cache_device", "FULL_PRECISION_CACHE_DEVICE_ENV",
 ]
-
-#: overrides where the FP stream's activation cache lives (a torch device string)
-FULL_PRECISION_CACHE_DEVICE_ENV = "RESCOMP_FULL_PRECISION_CACHE_DEVICE"
-
 
 def full_precision_cache_device(dataset_args) -> torch.device:
     """Where the FP activation cache lives: ``$RESCOMP_FULL_PRECISION_CACHE_DEVICE`` if
-    set, else oneshot's ``sequential_offload_device``, where the quantized cache lives."""
-    value = os.environ.get(FULL_PRECISION_CACHE_DEVICE_ENV) or dataset_args.sequential_offload_device
-    try:
-        device = torch.device(value)
-    except RuntimeError:
-        raise ValueError(
-            f"{FULL_PRECISION_CACHE_DEVICE_ENV}={value!r} is not a torch device: use cpu, "
-            "cuda or cuda:N"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"The full-precision cache device is {value!r} but torch sees no CUDA device: "
-            f"set {FULL_PRECISION_CACHE_DEVICE_ENV} (or sequential_offload_device) to cpu."
-        )
-    return device
+    set, else oneshot's ``sequential_offload_device``, where the quantized cache lives.
+    (The variable is checked when a recipe with a dual-stream modifier is parsed too.)"""
+    return cache_device_override() or cache_device(
+        dataset_args.sequential_offload_device, "sequential_offload_device")
 
 
 @dataclass

@@ -13,7 +13,7 @@ from llmcompressor.modifiers.gptq import GPTQModifier
 
 import rescomp_modifiers
 import rescomp_modifiers.selection as selection_module
-from rescomp_modifiers import GPTAQModifier
+from rescomp_modifiers import CAEModifier, GPTAQModifier
 from rescomp_modifiers.compensation import CompensationTerms
 from rescomp_modifiers.release import releasing_oneshot_models
 from rescomp_modifiers.selection import (
@@ -240,3 +240,20 @@ def test_a_clip_ratio_above_one_is_refused_before_stock_gptq_calibrates(tiny_mod
                                          r"input_activations: observer_kwargs.clip_ratio "
                                          r"must be a number in \(0, 1\].*got 1.5"):
         run_oneshot(tiny_model_dir, [GPTQModifier(ignore=IGNORE, config_groups=groups)])
+
+
+@pytest.mark.parametrize("value", ["meta", "disk"])
+def test_a_full_precision_cache_device_without_storage_is_refused_at_parse(monkeypatch,
+                                                                           value):
+    """Before: ``meta`` passed the check and oneshot failed in layer 0's calibration with
+    ``NotImplementedError: Cannot copy out of meta tensor; no data!``."""
+    from llmcompressor.recipe import Recipe
+
+    monkeypatch.setenv("RESCOMP_FULL_PRECISION_CACHE_DEVICE", value)
+    with pytest.raises(ValueError, match=rf"RESCOMP_FULL_PRECISION_CACHE_DEVICE={value!r}"
+                                         r".*(use cpu|not a torch device)"):
+        Recipe.create_instance(
+            "quant_stage:\n  quant_modifiers:\n    GPTAQModifier:\n      scheme: W4A16\n"
+            "      targets: [Linear]\n")
+    # a modifier without the full-precision stream does not read it
+    CAEModifier(scheme="W4A16", targets=["Linear"], statistics="gptq")
