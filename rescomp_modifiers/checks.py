@@ -22,6 +22,7 @@ def check_before_calibration(modifier, model: torch.nn.Module, modules) -> None:
     config = modifier.resolve_quantization_config()
     name = type(modifier).__name__
     _check_finite_weights(name, modules, modifier._module_names)
+    _check_row_stride(modifier, modules, modifier._module_names)
     _check_clipping(name, modifier.clipping, modifier.group_scales, config)
     _warn_where_measured_worse_after_rotation(modifier, config, model)
 
@@ -35,6 +36,22 @@ def _check_finite_weights(name: str, modules, module_names) -> None:
         raise ValueError(
             f"{name}: the weights of {shown} contain NaN or Inf before quantization; fix "
             "or reload the model (or add these modules to `ignore`).")
+
+
+def _check_row_stride(modifier, modules, module_names) -> None:
+    """A contest on every ``candidate_row_stride``-th row judges a module of fewer rows
+    than the stride on its first row alone (the guard's choice by one row's error)."""
+    stride = modifier.candidate_row_stride
+    if not modifier.selects_candidates or stride == 1 or not modules:
+        return
+    fewest = min(modules, key=lambda module: module.weight.shape[0])
+    rows = fewest.weight.shape[0]
+    if stride >= rows:
+        raise ValueError(
+            f"{type(modifier).__name__}: candidate_row_stride {stride} leaves one row to "
+            f"judge: {module_names[fewest]} has {rows} rows (the fewest of the modules it "
+            f"quantizes), and the contest takes every {stride}-th. Use a stride below "
+            f"{rows} (the recommended default uses 4), or 1 to judge on every row.")
 
 
 def _check_clipping(name: str, clipping: ClippingObjective, group_scales: GroupScales,

@@ -257,3 +257,20 @@ def test_a_full_precision_cache_device_without_storage_is_refused_at_parse(monke
             "      targets: [Linear]\n")
     # a modifier without the full-precision stream does not read it
     CAEModifier(scheme="W4A16", targets=["Linear"], statistics="gptq")
+
+
+def test_a_row_stride_beyond_a_modules_rows_is_refused_before_calibration(tiny_model_dir):
+    """Before: accepted; k_proj and v_proj (32 rows each) gave the q/k/v contest one row
+    each (rows 64 and 96 of the 128 stacked)."""
+    with pytest.raises(ValueError, match=r"candidate_row_stride 32 .* "
+                                         r"model.layers.0.self_attn.k_proj has 32 rows"):
+        run_oneshot(tiny_model_dir, [GPTAQModifier(ignore=IGNORE, config_groups=GROUP32,
+                                                   guard="gptq", candidate_row_stride=32)])
+
+
+@pytest.mark.parametrize("field, value", [("holdout_every", 2), ("candidate_row_stride", 4),
+                                          ("shuffle_seed", 3)])
+def test_selection_settings_without_a_guard_are_refused_at_parse(field, value):
+    """Already refused on main (the model validator); the case had no test."""
+    with pytest.raises(ValueError, match=rf"{field} only acts? with a guard or candidates"):
+        GPTAQModifier(scheme="W4A16", targets=["Linear"], **{field: value})
