@@ -2,14 +2,21 @@
 
 A save never leaves the target without a complete checkpoint, never writes non-finite
 tensors, and never writes a ``recipe.yaml`` that ``yaml.safe_load`` (what llm-compressor
-uses to read it back for a later stage) cannot parse.
+uses to read it back for a later stage) cannot parse. On Linux the new checkpoint and the
+old one trade places in one step, so the target path loads at every instant, also after
+a kill; elsewhere two renames do it, and a kill between them leaves the old checkpoint
+beside the target until :func:`recover_checkpoint` (or the next save) moves it back.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import os
 import re
 import shutil
+import sys
 import uuid
 from enum import Enum
 from functools import wraps
@@ -88,7 +95,8 @@ def recover_checkpoint(save_directory: str | os.PathLike) -> None:
     Only directories that fully match ``.<name>.partial-<8 hex>`` or
     ``.<name>.old-<8 hex>`` beside the target are touched:
 
-    - ``.<name>.partial-*`` were being written and never complete: removed.
+    - ``.<name>.partial-*`` were being written (never complete), or hold the previous
+      checkpoint after the new one took the target's place: removed either way.
     - ``.<name>.old-*`` hold the complete previous checkpoint, renamed aside during a
       swap. If the target is missing, the newest one is moved back; if the target is a
       directory without ``config.json`` (not loadable), it is removed and the newest one
@@ -220,22 +228,72 @@ def _link_or_copy(source, destination) -> None:
         shutil.copy2(source, destination)
 
 
+#: renameat2's flag that swaps two existing paths (linux/fs.h), and "paths relative to the
+#: working directory"
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+#: errors that mean "this system or filesystem cannot exchange": fall back to renames
+_CANNOT_EXCHANGE = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM}
+
+
+@functools.cache
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if function is not None:
+        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                             ctypes.c_uint]
+        function.restype = ctypes.c_int
+    return function
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap what two existing paths name in one step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``): there is no instant at which either is missing. False, with
+    nothing changed, where the system or the filesystem cannot."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second),
+                 _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in _CANNOT_EXCHANGE:
+        return False
+    raise OSError(error, os.strerror(error), str(first), None, str(second))
+
+
 def _swap_into_place(partial: Path, final: Path, save_id: str) -> None:
-    """Rename sequence in which a complete checkpoint is always at a stated path.
+    """Put the complete checkpoint at ``partial`` in the place of ``final``.
 
-    1. ``final`` holds the old checkpoint (or does not exist), ``partial`` the new one.
-    2. ``final`` -> ``.<name>.old-<id>``: the old checkpoint is there, ``final`` is free.
-    3. ``partial`` -> ``final``: the new checkpoint is in place.
-    4. ``.<name>.old-<id>`` removed.
+    A save into a fresh path is one rename. Over an existing checkpoint, where the
+    filesystem can (:func:`_exchange`):
 
-    An error in 3 renames the old checkpoint back. A kill between 2 and 3 leaves the old
-    one at ``.<name>.old-<id>``; a kill in 4 leaves part of it there.
-    :func:`recover_checkpoint`, run by the next save, moves it back or removes it. A save
-    into a fresh path is step 3 alone.
+    1. ``partial`` and ``final`` trade places in one step: ``final`` holds the new
+       checkpoint, ``partial`` the old one;
+    2. ``partial`` removed.
+
+    ``final`` loads at every instant; a kill in 2 leaves part of the old checkpoint at
+    ``partial``, which :func:`recover_checkpoint` (run by the next save) removes.
+    Elsewhere, a rename sequence in which a complete checkpoint is always at a stated
+    path:
+
+    1. ``final`` -> ``.<name>.old-<id>``: the old checkpoint is there, ``final`` is free.
+    2. ``partial`` -> ``final``: the new checkpoint is in place.
+    3. ``.<name>.old-<id>`` removed.
+
+    An error in 2 renames the old checkpoint back. A kill between 1 and 2 leaves the old
+    one at ``.<name>.old-<id>`` and no ``final`` until :func:`recover_checkpoint` moves
+    it back; a kill in 3 leaves part of it there.
     """
     if not final.exists():
         os.rename(partial, final)
         return
+    if _exchange(partial, final):
+        shutil.rmtree(partial)
+        return
+    logger.debug(f"{final.parent}: this filesystem cannot exchange two directories in one "
+                 "step; replacing the checkpoint by two renames")
     old = final.parent / f".{final.name}.old-{save_id}"
     os.rename(final, old)
     try:

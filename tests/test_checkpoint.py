@@ -61,8 +61,18 @@ def two_checkpoints(tiny_model_dir, tmp_path):
     return out, weights_digest(out), new
 
 
+def renames_only(monkeypatch):
+    """The save's fallback where the filesystem cannot exchange two directories in one
+    step (not Linux, or a filesystem without RENAME_EXCHANGE): two renames."""
+    import rescomp_modifiers.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "_exchange", lambda first, second: False)
+
+
 def kill_at_second_rename(monkeypatch, error=Killed):
-    """os.rename raises when the new checkpoint is about to be moved into place."""
+    """In the fallback by renames, os.rename raises when the new checkpoint is about to
+    be moved into place."""
+    renames_only(monkeypatch)
     real_rename = os.rename
 
     def rename(source, destination):
@@ -123,6 +133,7 @@ def test_killed_while_removing_the_old_checkpoint_keeps_the_new_one(
     out, old_digest, new = two_checkpoints
     import rescomp_modifiers.checkpoint as checkpoint
 
+    renames_only(monkeypatch)  # the old one sits at .old- (test_fault_cases: exchanged)
     real_rmtree = checkpoint.shutil.rmtree
 
     def rmtree(path, *args, **kwargs):

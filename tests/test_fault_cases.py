@@ -3,6 +3,7 @@ fixed at the start. One test (or one parametrized test) per case; each failed on
 main branch before the fix (the failure seen there is in its docstring)."""
 
 import gc
+import os
 import weakref
 from pathlib import Path
 
@@ -10,10 +11,12 @@ import pytest
 import torch
 from compressed_tensors.quantization import QuantizationArgs, preset_name_to_scheme
 from llmcompressor.modifiers.gptq import GPTQModifier
+from transformers import AutoModelForCausalLM
 
 import rescomp_modifiers
 import rescomp_modifiers.selection as selection_module
 from rescomp_modifiers import CAEModifier, GPTAQModifier
+from rescomp_modifiers.checkpoint import recover_checkpoint
 from rescomp_modifiers.compensation import CompensationTerms
 from rescomp_modifiers.release import releasing_oneshot_models
 from rescomp_modifiers.selection import (
@@ -274,3 +277,54 @@ def test_selection_settings_without_a_guard_are_refused_at_parse(field, value):
     """Already refused on main (the model validator); the case had no test."""
     with pytest.raises(ValueError, match=rf"{field} only acts? with a guard or candidates"):
         GPTAQModifier(scheme="W4A16", targets=["Linear"], **{field: value})
+
+
+class Killed(BaseException):
+    """Stands for the process being killed: no ``except Exception`` handler sees it."""
+
+
+def test_a_save_killed_at_any_step_leaves_the_target_loadable(tiny_model_dir, tmp_path,
+                                                              monkeypatch):
+    """Kill the save over an existing checkpoint at each of its renames and removals in
+    turn: the target path loads every time, as the old checkpoint or the new one.
+
+    Before: killed between the two renames, the target did not exist (the old
+    checkpoint sat at ``.out.old-<id>``) and ``from_pretrained(out)`` failed with
+    ``OSError: ... is not a local folder and is not a valid model identifier``."""
+    import shutil
+
+    out = tmp_path / "out"
+    model = run_oneshot(tiny_model_dir, [CAEModifier(ignore=IGNORE, config_groups=GROUP32,
+                                                     statistics="gptq")])
+    model.save_pretrained(out)
+    with torch.no_grad():  # the new checkpoint: another (unquantized) lm_head
+        model.lm_head.weight.add_(1.0)
+    real_rename, real_rmtree = os.rename, shutil.rmtree
+    for kill_at in range(1, 10):
+        steps = []
+
+        def step(real, *args, **kwargs):
+            if any(f".{out.name}." in Path(arg).name or Path(arg) == out
+                   for arg in args[:2] if isinstance(arg, (str, os.PathLike))):
+                steps.append(args[0])
+                if len(steps) == kill_at:
+                    raise Killed(f"killed at step {kill_at}")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(os, "rename", lambda *a, **k: step(real_rename, *a, **k))
+        monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: step(real_rmtree, *a, **k))
+        try:
+            model.save_pretrained(out)
+            finished = True
+        except Killed:
+            finished = False
+        monkeypatch.undo()
+        assert (out / "config.json").is_file(), f"killed at step {kill_at}: no checkpoint"
+        AutoModelForCausalLM.from_pretrained(out)
+        recover_checkpoint(out)
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+        if finished:
+            break
+    assert finished
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(out).lm_head.weight,
+                       model.lm_head.weight)
