@@ -419,7 +419,12 @@ def _load_inputs(config: CompareConfig) -> _Inputs:
     from transformers import AutoConfig, AutoTokenizer
 
     from rescomp_harness.assets import resolve_model
-    from rescomp_harness.data import DocumentError, calibration_dataset, comparison_documents
+    from rescomp_harness.data import (
+        DocumentError,
+        calibration_dataset,
+        check_calibration_text,
+        comparison_documents,
+    )
     from rescomp_harness.evaluation.perplexity import tokenize_text
 
     model_path = resolve_model(config.model)
@@ -435,6 +440,7 @@ def _load_inputs(config: CompareConfig) -> _Inputs:
                                     f"model's {positions} positions (max_position_embeddings)")
     try:
         documents = comparison_documents(config.calibration, config.evaluation)
+        check_calibration_text(documents.calibration, config.calibration)
     except (DocumentError, FileNotFoundError) as error:
         raise InvalidComparison(str(error)) from error
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from loguru import logger
+
 from rescomp_harness.assets import AssetUnavailable, Document, brown_documents, sotu_documents
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "is_evaluation_document",
     "split_documents",
     "calibration_dataset",
+    "check_calibration_text",
     "load_documents",
 ]
 
@@ -138,6 +141,33 @@ def comparison_documents(calibration: str, evaluation: Sequence[str]) -> Compari
             )
     return ComparisonDocuments(calibration_documents, {n: scored[n] for n in evaluation},
                                calibration_rule, evaluation_rules)
+
+
+def check_calibration_text(documents: Sequence[Document], spec: str) -> None:
+    """Refuse calibration documents of which none holds any text, and warn with counts
+    where some do not: :func:`calibration_dataset` adds an end-of-sequence token after
+    each document, so empty documents alone would fill the windows with that one token
+    and calibrate on nothing. Counts are per source file (a directory has several)."""
+    blank = [d for d in documents if not d.text.strip()]
+    if not blank:
+        return
+    totals: dict[str, list[int]] = {}
+    for document in documents:
+        counts = totals.setdefault(Path(document.source).name or str(document.source), [0, 0])
+        counts[1] += 1
+        counts[0] += not document.text.strip()
+    where = ", ".join(f"{source}: {empty} of {total}" for source, (empty, total)
+                      in totals.items() if empty)
+    if len(blank) == len(documents):
+        raise DocumentError(
+            f"calibration {spec!r}: all {len(documents)} documents are empty or "
+            f"whitespace-only ({where}): there is no text to calibrate on. Give "
+            "--calibration documents with text (a .jsonl line's \"text\", a .txt file's "
+            "content)")
+    logger.warning(
+        f"calibration {spec!r}: {len(blank)} of {len(documents)} documents are empty or "
+        f"whitespace-only ({where}); they add nothing but an end-of-sequence token each "
+        "to the calibration windows. Remove them from the source to silence this")
 
 
 def _text_key(text: str) -> bytes:
