@@ -187,9 +187,29 @@ def validate_config(config: CompareConfig) -> None:
         if not model.exists() and _looks_like_path(config.model):
             raise InvalidComparison(f"--model {config.model}: no such directory (a Hugging Face "
                                     "model id looks like 'org/name')")
-    output = Path(config.output).expanduser()
+    _check_output(config.output)
+
+
+def _check_output(spec: str) -> None:
+    """The output directory exists and takes files, or can be created: refused here
+    rather than by ``mkdir`` once the model and documents are loaded. Writes nothing."""
+    output = Path(spec).expanduser().absolute()
     if output.exists() and not output.is_dir():
-        raise InvalidComparison(f"--output {config.output}: exists and is not a directory")
+        raise InvalidComparison(f"--output {spec}: exists and is not a directory")
+    existing = output
+    while not existing.exists():
+        if os.path.lexists(existing):
+            raise InvalidComparison(
+                f"--output {spec}: cannot be created: {existing} is a broken symbolic link; "
+                "remove it, point it at a directory, or choose another --output")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InvalidComparison(f"--output {spec}: cannot be created: {existing} is a file, "
+                                "not a directory; choose another --output")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InvalidComparison(
+            f"--output {spec}: {'cannot be created: ' if existing != output else ''}"
+            f"{existing} is not writable by this user; choose another --output")
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -433,7 +453,9 @@ def _load_inputs(config: CompareConfig) -> _Inputs:
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InvalidComparison(f"--model {model_path}: cannot load its tokenizer: {first_line}") from error
-    positions = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    model_config = AutoConfig.from_pretrained(model_path)
+    _check_rotation(config, model_config)
+    positions = getattr(model_config, "max_position_embeddings", None)
     for setting in ("seq_len", "eval_seq_len"):
         if positions is not None and getattr(config, setting) > positions:
             raise InvalidComparison(f"{_flag(setting)} {getattr(config, setting)} exceeds the "
@@ -484,6 +506,42 @@ def _load_inputs(config: CompareConfig) -> _Inputs:
     }
     return _Inputs(model_path, tokenizer, dense, calibration_sets, documents.evaluation,
                    evaluation_tokens, torch.tensor(drift_input["input_ids"]), fingerprint)
+
+
+def _largest_power_of_two_dividing(number: int) -> int:
+    return number & -number
+
+
+def _check_rotation(config: CompareConfig, model_config) -> None:
+    """``--rotation spinquant`` needs Hadamard matrices of the orders it rotates, and
+    Sylvester's construction (compressed-tensors' ``hadamard`` transform) builds powers
+    of two only: R1 rotates the hidden size in blocks of ``--rotation-block-size`` (the
+    whole width by default), R2 each attention head's width. Checked from the model's
+    config, before anything is loaded or written: SpinQuant itself fails only inside the
+    first method's oneshot, after the dense row is written."""
+    if config.rotation == "none":
+        return
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") \
+        else model_config
+    hidden = text.hidden_size
+    head_dim = getattr(text, "head_dim", None) or hidden // text.num_attention_heads
+    block, fits = config.rotation_block_size, _largest_power_of_two_dividing(hidden)
+    advice = (f"pass --rotation-block-size {fits} (the largest power of two dividing it)"
+              if fits > 1 else "no power of two divides it: use --rotation none")
+    if block is None and hidden != fits:
+        raise InvalidComparison(
+            f"--rotation spinquant: the model's hidden size {hidden} has no Hadamard matrix "
+            f"of that order (the hadamard transform builds powers of two only), so R1 "
+            f"cannot rotate the whole width; {advice}")
+    if block is not None and hidden % block:
+        raise InvalidComparison(
+            f"--rotation-block-size {block} does not divide the model's hidden size "
+            f"{hidden}; {advice}")
+    if head_dim & (head_dim - 1):
+        raise InvalidComparison(
+            f"--rotation spinquant: the model's attention heads are {head_dim} wide, which "
+            "has no Hadamard matrix (powers of two only), and R2 rotates whole heads "
+            "whatever --rotation-block-size: use --rotation none for this model")
 
 
 def _check_recipes(config: CompareConfig) -> None:
@@ -832,6 +890,11 @@ def summarize(records: list[dict], config: CompareConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short_name(method: str) -> str:
+    """A row's name on a plot axis: the method name, or a recipe file's stem."""
+    return Path(method.split(":", 1)[1]).stem if method.startswith("recipe:") else method
+
+
 def plot(records: list[dict], out: Path, config: CompareConfig) -> None:
     """perplexity.png (per method, one point per seed, mean bar) and drift.png."""
     try:
@@ -840,7 +903,7 @@ def plot(records: list[dict], out: Path, config: CompareConfig) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logger.warning("matplotlib is not installed: no plots (pip install rescomp-modifiers[eval])")
+        logger.warning("matplotlib is not installed: no plots (pip install matplotlib, or the harness: pip install -e ./harness)")
         return
     methods = [m for m in ["dense", *METHODS] if any(r["method"] == m for r in records)]
     methods += sorted({r["method"] for r in records} - set(methods))
@@ -854,7 +917,8 @@ def plot(records: list[dict], out: Path, config: CompareConfig) -> None:
             axis.scatter([x] * len(values), values, color="tab:blue", alpha=0.7)
             if values:
                 axis.hlines(statistics.fmean(values), x - 0.3, x + 0.3, color="tab:red")
-        axis.set_xticks(range(len(methods)), [method_label(m, config).split(" (")[0] for m in methods],
+        # the method names, not the labels' first words: three rows are "GPTQ (...)"
+        axis.set_xticks(range(len(methods)), [_short_name(m) for m in methods],
                         rotation=30, ha="right")
         axis.set_title(f"{metric} (points: seeds, bar: mean)")
         axis.set_ylabel("perplexity")
