@@ -115,7 +115,7 @@ def build_modifier(name: str, **fields):
 
     Fields that only our modifiers have (``semantics``, ``guard``, ...) are dropped for
     llm-compressor's own baselines, so one set of options builds every row of a
-    comparison.
+    comparison; a field that no modifier has is refused.
     """
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -128,6 +128,11 @@ def build_modifier(name: str, **fields):
     classes = {cls.__name__: cls for cls in (QuantizationModifier, GPTQModifier, GPTAQModifier,
                                              CAEModifier, FOEMModifier)}
     cls = classes[method.modifier]
+    unknown = sorted(set(fields) - set().union(*(c.model_fields for c in classes.values())))
+    if unknown:
+        raise ValueError(f"build_modifier({name!r}): no modifier has the field(s) "
+                         f"{', '.join(unknown)}; check the spelling (see the modifiers' fields "
+                         "in docs/usage.md)")
     accepted = {key: value for key, value in fields.items() if key in cls.model_fields}
     if method.weight_observer:
         accepted = _with_weight_observer(accepted, method.weight_observer)

@@ -84,6 +84,11 @@ def test_one_method_vocabulary():
             assert name in ("gptq", "gptq_mse", "gptq_imatrix")
     with pytest.raises(ValueError, match="unknown method 'cae'"):
         build_modifier("cae")
+    # a misspelt field is refused, not dropped (a field only our modifiers have is
+    # dropped for the stock baselines: one set of options builds every row)
+    with pytest.raises(ValueError, match="no modifier has the field.*gaurd"):
+        build_modifier("gptq", scheme="W4A16", gaurd="gptq")
+    assert not hasattr(build_modifier("gptq", scheme="W4A16", guard="gptq"), "guard")
     with pytest.raises(ValueError, match="Unknown method 'cae'"):
         CompensationTerms.for_method("cae")
 
