@@ -95,7 +95,8 @@ def test_the_guard_judges_every_strategy_on_the_rows_of_the_full_solve(strategy,
     (``RuntimeError: index 6 is out of bounds for dimension 1 with size 6`` for 8x16
     blocks of 48 rows; ``... size 2`` for FP8_BLOCK's 128-row blocks of 256 rows);
     stride 4 judged sampled row ``j`` with block ``j // 8`` instead of ``4j // 8``
-    (half of GPTAQ's judged weights off its full solve's on 8x16 blocks)."""
+    (75% of GPTAQ's judged weights off its full solve's on 8x16 blocks, 50% on
+    FP8_BLOCK's)."""
     args, (rows, columns) = STRATEGIES[strategy]
     weights = torch.randn(rows, columns, generator=torch.Generator().manual_seed(1)) * 0.2
     scale, zero_point, global_scale = _observed_qparams(weights, args)
@@ -175,9 +176,9 @@ def test_a_guarded_run_with_shuffling_gives_the_same_checkpoint_every_time(tiny_
     """The calibration order under oneshot's shuffle (its default) follows the recipe's
     ``shuffle_seed``, not whatever the process drew from torch's generator before.
 
-    Before: the held-out batches followed llm-compressor's unseeded shuffle: the two
-    checkpoints differed (model.layers.1.mlp.gate_proj/up_proj: GPTQ chosen in one run,
-    GPTAQ in the other)."""
+    Before: the held-out batches followed llm-compressor's unseeded shuffle, drawn
+    from torch's generator: after process states 3 and 4 the two model.safetensors
+    differed (five identical runs in one process gave five models)."""
     for run, process_state in enumerate((3, 4)):
         torch.manual_seed(process_state)  # what the process did before oneshot
         model = run_oneshot(tiny_model_dir, [GPTAQModifier(
