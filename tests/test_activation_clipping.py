@@ -123,9 +123,13 @@ def test_calibration_checkpoint_and_reload_clip(tiny_model_dir, tmp_path, monkey
     import rescomp_modifiers.activation_clipping as clipping
 
     seen = []  # the ratios the quantized stream's dynamic scales were computed with
-    original = clipping.activation_clip_ratio
-    monkeypatch.setattr(clipping, "activation_clip_ratio",
-                        lambda args: seen.append(original(args)) or seen[-1])
+    upstream = clipping._upstream_dynamic_qparams
+
+    def recording(value, args, module, global_scale=None):
+        seen.append(clipping.activation_clip_ratio(args))
+        return upstream(value=value, args=args, module=module, global_scale=global_scale)
+
+    monkeypatch.setattr(clipping, "_upstream_dynamic_qparams", recording)
     activations_args = {**TOKEN_INT4, "observer_kwargs": {"clip_ratio": 0.9}}
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     run(model, [GPTAQModifier(ignore=IGNORE, config_groups={
