@@ -46,7 +46,7 @@ SCHEMES = {
 # symmetric (the papers use a zero point): vLLM's int4-activation kernel (WNA4, GPU)
 # takes symmetric ones only. 4-bit activations keep 0.9 of each token's range, the
 # papers' clipping ratio (rescomp_modifiers/activation_clipping.py): on SmolLM2-135M
-# W4A4KV4 + rotation it lowered every method's perplexity (README); vLLM ignores it
+# W4A4KV4 + rotation it lowered every method's perplexity (docs/rotations.md); vLLM ignores it
 _PER_TOKEN = {"type": "int", "strategy": "token", "dynamic": True}
 _A4_CLIPPED = {"num_bits": 4, "symmetric": True, **_PER_TOKEN,
                "observer_kwargs": {"clip_ratio": 0.9}}
@@ -117,7 +117,7 @@ def render(method: str, scheme: str, group_size: int | None, path: str,
         method_comment = (
             f"{METHODS[method].description}.\n# After a rotation at {weights['num_bits']} bits it is "
             f"{runs.label} instead: there MSE clipping and CAE's terms lost to GPTQ\n# "
-            f"(README, \"Rotations, activation and KV-cache quantization\")")
+            f"(docs/rotations.md)")
     weights = dict(weights)
     if group_size is not None:
         weights["group_size"] = group_size

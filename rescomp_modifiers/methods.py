@@ -42,10 +42,13 @@ class Method:
         return self.solver_method or self.name
 
 
-#: the recommended default's modifier settings (its observer is on the Method); the
-#: contest on every 4th row closed the same share of GPTQ's gap as on every row (W3 and
-#: W4, both calibration corpora, 3 seeds each) at a fraction of the guard's cost
-RECOMMENDED_SETTINGS = {"statistics": "gptaq", "guard": "gptq", "candidate_row_stride": 4}
+#: the recommended default's modifier settings: GPTAQ+CAE with the guard judged on every
+#: 4th row (which closed the same share of GPTQ's gap as every row at a fraction of the
+#: guard's cost), and each group's range searched by the error GPTQ's compensation
+#: cannot remove (clipping.py), which beat llm-compressor's imatrix_mse and MSE
+#: observers in the measurements of docs/results/
+RECOMMENDED_SETTINGS = {"statistics": "gptaq", "guard": "gptq", "candidate_row_stride": 4,
+                        "clipping": "uncompensable"}
 
 METHODS: dict[str, Method] = {
     method.name: method
@@ -74,21 +77,21 @@ METHODS: dict[str, Method] = {
                "FOEM: first-order error compensation"),
         Method("foem_gptaq", "FOEM+GPTAQ", "FOEMModifier", {"use_asymmetric_statistics": True},
                "FOEM on GPTAQ's asymmetric statistics", ships_recipes=False),
-        # The project's recommended default: see README "Recommended default" for the
-        # measurements behind each choice.
-        Method("recommended", "GPTAQ+CAE, MSE clipping, GPTQ guard (recommended)",
-               "CAEModifier", RECOMMENDED_SETTINGS,
-               "the recommended default: GPTAQ + CAE (released coefficients) with MSE "
-               "clipping, each module kept only where it beats GPTQ on held-out "
-               "calibration tokens", weight_observer="memoryless_mse",
+        # The project's recommended default: docs/results/ has the measurements behind
+        # it (docs/usage.md, "The recommended recipes", the choices).
+        Method("recommended", "GPTAQ+CAE, uncompensable-error clipping, GPTQ guard "
+               "(recommended)", "CAEModifier", RECOMMENDED_SETTINGS,
+               "the recommended default: GPTAQ + CAE (released coefficients), each group's "
+               "range searched by the error GPTQ cannot compensate, each module kept only "
+               "where it beats GPTQ on held-out calibration tokens",
                solver_method="gptaq_cae", after_rotation=(4, "gptaq")),
         # the papers' true-sequential statistics on top (an option, not the default:
-        # README "True-sequential statistics" has its cost and quality)
+        # docs/usage.md, "True-sequential statistics")
         Method("recommended_true_sequential", "recommended, true-sequential statistics",
                "CAEModifier", {**RECOMMENDED_SETTINGS, "true_sequential": True},
                "the recommended default with true-sequential statistics (q/k/v, o, "
                "gate/up, down calibrated in turn)", ships_recipes=False,
-               weight_observer="memoryless_mse", solver_method="gptaq_cae"),
+               solver_method="gptaq_cae"),
     )
 }
 
@@ -97,10 +100,10 @@ def method_for_setting(name: str, bits: int, rotated: bool) -> Method:
     """The method that runs for ``name`` at ``bits`` weight bits, after a rotation or
     not: the method itself, or the one its :attr:`Method.after_rotation` names.
 
-    The recommended default's MSE clipping and CAE terms lose to GPTQ after a rotation at
-    4 bits, each on its own and together, in both calibration directions (README
-    "Rotations, activation and KV-cache quantization"); GPTAQ alone tied GPTQ there. At
-    3 bits after a rotation the default still wins by far, so the switch is by bits.
+    The earlier recommended default's MSE clipping and CAE terms lost to GPTQ after a
+    rotation at 4 bits, each on its own and together, in both calibration directions
+    (docs/rotations.md); GPTAQ alone tied GPTQ there. At 3 bits after a rotation the
+    default still won by far, so the switch is by bits.
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
