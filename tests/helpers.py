@@ -223,3 +223,39 @@ def assert_capitals_ranked_first(name: str, scores: list[list[float]]) -> None:
         ranked = sorted(zip(row, candidates), reverse=True)
         print(f"{name}: {prompt!r} -> " + ", ".join(f"{c.strip()} {s:.2f}" for s, c in ranked))
         assert ranked[0][1] == f" {answer}", f"{name}: {prompt!r} ranked {ranked}"
+
+
+# -- `rescomp compare` on a tiny local model (harness tests) ------------------------------
+
+#: the tiny tokenizer's vocabulary as words: one token a word
+WORDS = [f"w{i}" for i in range(90)]
+
+
+def random_texts(count: int, words: int, seed: int = 0) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(words)) for _ in range(count)]
+
+
+def write_jsonl(path, texts: list[str]):
+    """``texts`` as a JSONL corpus of ``{"id", "text"}`` documents."""
+    import json
+
+    path.write_text("".join(json.dumps({"id": f"{path.stem}-{i}", "text": t}) + "\n"
+                            for i, t in enumerate(texts)))
+    return path
+
+
+def compare_config(inputs: dict, output, **overrides):
+    """A seconds-long comparison: RTN, one seed, the tiny model and corpora of
+    ``inputs`` (``model``, ``calibration``, ``evaluation`` paths)."""
+    from rescomp_harness.compare import CompareConfig
+
+    settings = dict(
+        model=str(inputs["model"]), methods=["rtn"], bits=4, group_size=16, samples=2,
+        seq_len=16, seeds=[0], calibration=str(inputs["calibration"]),
+        evaluation=[str(inputs["evaluation"])], eval_seq_len=16, eval_windows=4,
+        drift_windows=1, output=str(output),
+    )
+    return CompareConfig(**{**settings, **overrides})

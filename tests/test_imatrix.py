@@ -3,7 +3,6 @@
 import pytest
 import torch
 from llmcompressor.modifiers.gptq import GPTQModifier
-from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.observers.imatrix import IMatrixMSEObserver
 
 from rescomp_modifiers import CAEModifier, GPTAQModifier

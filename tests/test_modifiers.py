@@ -13,7 +13,6 @@ from llmcompressor.modifiers.gptq import GPTQModifier
 from transformers import AutoModelForCausalLM
 
 import rescomp_modifiers
-import rescomp_modifiers.modifiers as modifiers_module
 import rescomp_modifiers.units as units_module
 from rescomp_modifiers import CAEModifier, FOEMModifier, GPTAQModifier
 from rescomp_modifiers.modifiers import CompensationModifier

@@ -22,7 +22,7 @@ from loguru import logger
 from rescomp_harness import cli
 from rescomp_harness.compare import CompareConfig, InvalidComparison, run_comparison
 
-from helpers import make_model, make_tokenizer
+from helpers import compare_config, make_model, make_tokenizer, write_jsonl
 
 WORDS = [f"w{i}" for i in range(90)]  # the tiny tokenizer's vocabulary: one token a word
 
@@ -31,10 +31,7 @@ def _words(rng: random.Random, count: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(count))
 
 
-def _write_jsonl(path: Path, texts: list[str]) -> Path:
-    path.write_text("".join(json.dumps({"id": f"{path.stem}-{i}", "text": t}) + "\n"
-                            for i, t in enumerate(texts)))
-    return path
+_write_jsonl = write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +49,7 @@ def inputs(tmp_path_factory):
     }
 
 
-def _config(inputs, output, **overrides) -> CompareConfig:
-    settings = dict(
-        model=str(inputs["model"]), methods=["rtn"], bits=4, group_size=16, samples=2,
-        seq_len=16, seeds=[0], calibration=str(inputs["calibration"]),
-        evaluation=[str(inputs["evaluation"])], eval_seq_len=16, eval_windows=4,
-        drift_windows=1, output=str(output),
-    )
-    return CompareConfig(**{**settings, **overrides})
+_config = compare_config
 
 
 @contextlib.contextmanager

@@ -4,31 +4,26 @@ the main branch before the fix; the failure seen there is in its docstring."""
 
 import contextlib
 import json
-import random
 import sys
-from pathlib import Path
 
 import pytest
 from loguru import logger
 
 from rescomp_harness import cli
 from rescomp_harness import compare as compare_module
-from rescomp_harness.compare import CompareConfig, InvalidComparison, run_comparison
+from rescomp_harness.compare import InvalidComparison, run_comparison
 
-from helpers import VOCAB, make_model, make_tokenizer
+from helpers import (
+    VOCAB,
+    compare_config,
+    make_model,
+    make_tokenizer,
+    random_texts,
+    write_jsonl,
+)
 
-WORDS = [f"w{i}" for i in range(90)]  # the tiny tokenizer's vocabulary: one token a word
-
-
-def _texts(count: int, words: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(words)) for _ in range(count)]
-
-
-def _write_jsonl(path: Path, texts: list[str]) -> Path:
-    path.write_text("".join(json.dumps({"id": f"{path.stem}-{i}", "text": t}) + "\n"
-                            for i, t in enumerate(texts)))
-    return path
+_texts = random_texts
+_write_jsonl = write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +37,7 @@ def inputs(tmp_path_factory):
             "evaluation": _write_jsonl(root / "evaluation.jsonl", _texts(60, 20, seed=1))}
 
 
-def _config(inputs, output, **overrides) -> CompareConfig:
-    settings = dict(
-        model=str(inputs["model"]), methods=["rtn"], bits=4, group_size=16, samples=2,
-        seq_len=16, seeds=[0], calibration=str(inputs["calibration"]),
-        evaluation=[str(inputs["evaluation"])], eval_seq_len=16, eval_windows=4,
-        drift_windows=1, output=str(output),
-    )
-    return CompareConfig(**{**settings, **overrides})
+_config = compare_config
 
 
 @pytest.fixture
