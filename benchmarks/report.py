@@ -68,9 +68,11 @@ def _share(values: list[float]) -> str:
 
 
 class Setting:
-    """One setting's records: perplexity per method, seed and corpus."""
+    """One setting's records: perplexity per method, seed and corpus. ``aliases`` renames
+    methods (a variant recipe that is what a vocabulary name now runs as)."""
 
-    def __init__(self, name: str, records: list[dict]):
+    def __init__(self, name: str, records: list[dict], aliases: dict | None = None):
+        aliases = aliases or {}
         self.name = name
         self.dense = next(r["scores"] for r in records if r["method"] == "dense")
         self.scores: dict[str, dict[int, dict[str, float]]] = {}
@@ -78,7 +80,8 @@ class Setting:
         for record in records:
             if record["method"] == "dense":
                 continue
-            self.scores.setdefault(_name(record["method"]), {})[record["seed"]] = record["scores"]
+            method = aliases.get(_name(record["method"]), _name(record["method"]))
+            self.scores.setdefault(method, {})[record["seed"]] = record["scores"]
             self.revisions.add(record.get("revision", "unrecorded"))
 
     def methods(self) -> list[str]:
@@ -113,7 +116,7 @@ class Setting:
         return closed
 
 
-def _settings(study: Path) -> list[Setting]:
+def _settings(study: Path, aliases: dict | None = None) -> list[Setting]:
     """The study's settings; a setting's records may come from several runs of the
     benchmark (``<run>/<setting>/results.jsonl``), merged by setting name. A (method,
     seed) recorded twice must agree (the same inputs give the same perplexity)."""
@@ -127,14 +130,22 @@ def _settings(study: Path) -> list[Setting]:
                 raise ValueError(f"{path}: {key} recorded twice with different scores "
                                  f"({records[key]['scores']} vs {record['scores']})")
             records.setdefault(key, record)
-    return [Setting(name, list(records.values())) for name, records in sorted(merged.items())]
+    return [Setting(name, list(records.values()), aliases)
+            for name, records in sorted(merged.items())]
+
+
+def _commands(manifest: dict) -> list[str]:
+    """The commands that wrote the study's records, one line each."""
+    commands = manifest["command"]
+    commands = [commands] if isinstance(commands, str) else commands
+    return ["Produced by:", ""] + [f"    {command}" for command in commands]
 
 
 def quality_page(study: Path, manifest: dict) -> str:
     lines = [f"# {manifest['title']}", "", manifest.get("description", ""), "",
-             f"Command: `{manifest['command']}`", ""]
+             *_commands(manifest), ""]
     revisions = set()
-    for setting in _settings(study):
+    for setting in _settings(study, manifest.get("aliases")):
         revisions |= setting.revisions
         best = {corpus: setting.best_stock(corpus) for corpus in CORPORA}
         lines += [f"## {setting.name}", "",
@@ -163,7 +174,7 @@ def cost_page(study: Path, manifest: dict) -> str:
     methods = list(dict.fromkeys(run["method"] for run in runs))
     baseline = manifest.get("baseline", "gptq")
     lines = [f"# {manifest['title']}", "", manifest.get("description", ""), "",
-             f"Command: `{manifest['command']}`", "",
+             *_commands(manifest), "",
              f"Wall time and peak memory of `oneshot`, each run in its own process, methods "
              f"interleaved round by round; ratios to `{baseline}` paired by round.", "",
              f"| method | wall s (median) | x {baseline} per round | x {baseline} (median) | "
@@ -194,7 +205,7 @@ def headline(studies: list[tuple[Path, dict]]) -> str:
         default = manifest.get("headline")
         if not default:
             continue
-        for setting in _settings(study):
+        for setting in _settings(study, manifest.get("aliases")):
             if default not in setting.scores:
                 continue
             best = {corpus: setting.best_stock(corpus) for corpus in CORPORA}
