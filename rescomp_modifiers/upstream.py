@@ -10,6 +10,19 @@ with the reason we need it; the rest of the package imports them from this modul
 
 Public API (``oneshot``, ``GPTQModifier``, ``QuantizationArgs``, ...) is imported where it
 is used, as any llm-compressor user would.
+
+What changes upstream's behaviour, and for how long:
+
+* ``CalibrationPipeline._infer_pipeline`` is routed to the dual-stream pipeline only
+  between our modifiers' ``on_initialize`` and ``on_finalize``
+  (:func:`route_pipeline_inference`).
+* ``ImplBackend`` gets the in-place MSE search at import, but it applies only inside our
+  modifiers' events (``mse_search.in_place_mse_search``): stock runs stay stock.
+* Process-wide from ``import rescomp_modifiers``, because a saved checkpoint needs them
+  after our modifiers are gone: compressed-tensors' ``compute_dynamic_scales_and_zp``
+  honours a scheme's ``observer_kwargs.clip_ratio`` (activation_clipping.py; without the
+  key it calls upstream's code unchanged), and YAML representers for enums and tuples
+  make llm-compressor's saved recipe readable with ``safe_load`` (checkpoint.py).
 """
 
 from __future__ import annotations
