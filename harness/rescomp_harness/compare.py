@@ -366,6 +366,8 @@ def run_comparison(config: CompareConfig) -> Path:
     _repair_results(results_path, scan)
     _write_json_atomically(out / "fingerprint.json", fingerprint)
     done = {(r["method"], r["seed"]) for r in scan.records}
+    # the code this process imported (read now: the checkout may move on during the runs)
+    revision = code_revision()
     tokenizer, dense = inputs.tokenizer, inputs.dense
 
     def evaluate(model) -> dict:
@@ -396,7 +398,7 @@ def run_comparison(config: CompareConfig) -> Path:
         quantize_seconds = time.perf_counter() - started
         return {"method": method, "seed": seed, "scores": evaluate(model),
                 "drift": layer_drift(dense, model, inputs.drift_windows),
-                "seconds": quantize_seconds, "revision": code_revision()}
+                "seconds": quantize_seconds, "revision": revision}
 
     methods = list(config.methods) + [f"recipe:{r}" for r in config.recipes]
     runs = [(m, s) for s in config.seeds for m in methods if (m, s) not in done]
