@@ -42,13 +42,14 @@ class Method:
         return self.solver_method or self.name
 
 
-#: the recommended default's modifier settings: GPTAQ+CAE with the guard judged on every
-#: 4th row (which closed the same share of GPTQ's gap as every row at a fraction of the
-#: guard's cost), and each group's range searched by the error GPTQ's compensation
-#: cannot remove (clipping.py), which beat llm-compressor's imatrix_mse and MSE
-#: observers in the measurements of docs/results/
-RECOMMENDED_SETTINGS = {"statistics": "gptaq", "guard": "gptq", "candidate_row_stride": 4,
-                        "clipping": "uncompensable"}
+#: the recommended default's modifier settings (its observer is on the Method): GPTAQ+CAE
+#: with the guard judged on every 4th row, which closed the same share of GPTQ's gap as
+#: every row at a fraction of the guard's cost. Its clipping is llm-compressor's
+#: imatrix_mse observer, whose importance our pipeline gathers from the quantized
+#: stream: the plugin's own clipping search (clipping: uncompensable) beat imatrix on
+#: SmolLM2 at W3 but lost to every stock observer on Qwen2.5-Coder-0.5B at W4 g128
+#: (docs/results/), so it is an option, not the default
+RECOMMENDED_SETTINGS = {"statistics": "gptaq", "guard": "gptq", "candidate_row_stride": 4}
 
 METHODS: dict[str, Method] = {
     method.name: method
@@ -79,11 +80,11 @@ METHODS: dict[str, Method] = {
                "FOEM on GPTAQ's asymmetric statistics", ships_recipes=False),
         # The project's recommended default: docs/results/ has the measurements behind
         # it (docs/usage.md, "The recommended recipes", the choices).
-        Method("recommended", "GPTAQ+CAE, uncompensable-error clipping, GPTQ guard "
-               "(recommended)", "CAEModifier", RECOMMENDED_SETTINGS,
-               "the recommended default: GPTAQ + CAE (released coefficients), each group's "
-               "range searched by the error GPTQ cannot compensate, each module kept only "
-               "where it beats GPTQ on held-out calibration tokens",
+        Method("recommended", "GPTAQ+CAE, imatrix clipping, GPTQ guard (recommended)",
+               "CAEModifier", RECOMMENDED_SETTINGS,
+               "the recommended default: GPTAQ + CAE (released coefficients) with "
+               "llm-compressor's imatrix_mse clipping, each module kept only where it beats "
+               "GPTQ on held-out calibration tokens", weight_observer="imatrix_mse",
                solver_method="gptaq_cae", after_rotation=(4, "gptaq")),
         # the papers' true-sequential statistics on top (an option, not the default:
         # docs/usage.md, "True-sequential statistics")
@@ -91,7 +92,7 @@ METHODS: dict[str, Method] = {
                "CAEModifier", {**RECOMMENDED_SETTINGS, "true_sequential": True},
                "the recommended default with true-sequential statistics (q/k/v, o, "
                "gate/up, down calibrated in turn)", ships_recipes=False,
-               solver_method="gptaq_cae"),
+               weight_observer="imatrix_mse", solver_method="gptaq_cae"),
     )
 }
 

@@ -101,7 +101,7 @@ def test_one_method_vocabulary():
 def test_recommended_after_a_rotation(bits, rotated, runs):
     """The measured rule (docs/rotations.md): after a rotation at 4 bits or more the
     recommended default runs as plain GPTAQ, min-max clipping; everywhere else as itself
-    (its clipping searched by the uncompensable error). The
+    (with imatrix_mse clipping). The
     shipped recipes, `rescomp compare` and its row label follow the same rule."""
     from rescomp_harness.compare import CompareConfig, build_recipe, method_label
 
@@ -112,15 +112,16 @@ def test_recommended_after_a_rotation(bits, rotated, runs):
     config = CompareConfig(bits=bits, rotation="spinquant" if rotated else "none")
     modifier = build_recipe("recommended", config)[-1]
     assert type(modifier).__name__ == METHODS[runs].modifier
-    assert (getattr(modifier, "clipping", "observer") == "uncompensable") == (
-        runs == "recommended")
+    observers = {group.weights.observer
+                 for group in modifier.resolve_quantization_config().config_groups.values()}
+    assert (observers == {"imatrix_mse"}) == (runs == "recommended")
     label = method_label("recommended", config)
     assert label == (METHODS["recommended"].label if runs == "recommended"
                      else f"GPTAQ (as recommended: W{bits} after a rotation)")
     if bits in (3, 4) and rotated:
         recipe = RECIPES[f"recipes/recommended/w{bits}a16_g64_rot.yaml"]
         assert f"    {METHODS[runs].modifier}:\n" in recipe
-        assert ("clipping: uncompensable" in recipe) == (runs == "recommended")
+        assert ("observer: imatrix_mse" in recipe) == (runs == "recommended")
 
 
 def test_rotated_recipes_for_each_method():
