@@ -231,6 +231,8 @@ def generate() -> dict[Path, str]:
     for manifest_path in sorted(RECORDS.glob("*/manifest.json")):
         study = manifest_path.parent
         manifest = json.loads(manifest_path.read_text())
+        if not any(study.glob("**/*.jsonl")):  # a study whose runs have not been recorded
+            continue
         page = cost_page(study, manifest) if manifest["kind"] == "cost" else quality_page(
             study, manifest)
         outputs[RESULTS / f"{study.name}.md"] = page
