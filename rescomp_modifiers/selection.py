@@ -38,6 +38,8 @@ from rescomp_modifiers.compensation import (
     CompensationResult,
     CompensationTerms,
     compensate_weight,
+)
+from rescomp_modifiers.objectives import (
     excess_output_error,
     least_squares_start,
     weights_times_asymmetry,

@@ -14,9 +14,8 @@ from rescomp_modifiers.compensation import (
     CompensationTerms,
     GroupScales,
     compensate_weight,
-    excess_output_error,
-    least_squares_start,
 )
+from rescomp_modifiers.objectives import excess_output_error, least_squares_start
 from rescomp_modifiers.selection import (
     GPTQ_LABEL,
     Candidate,
