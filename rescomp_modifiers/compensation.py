@@ -547,7 +547,7 @@ def _compensation_loop(plan, W, W0, D, Hinv, quantizer, used_rtn_fallback, block
     window = IN_BLOCK_WINDOW
     dynamic = None if plan.static_scales else _DynamicGroups(quantizer)
     # FOEM's pull toward W0, off for round-to-nearest fallback items (no terms at all)
-    pull = plan.first_order * (~used_rtn_fallback).to(W.dtype).unsqueeze(-1)  # [batch, 1]
+    pull = plan.first_order_coefficient * (~used_rtn_fallback).to(W.dtype).unsqueeze(-1)  # [batch, 1]
 
     for i1 in range(0, num_columns, blocksize):
         block = _Block(plan, W, W0, D, Hinv, quantizer, i1, min(i1 + blocksize, num_columns))
@@ -592,11 +592,11 @@ class LoopPlan:
     """
 
     #: GPTAQ's ``a``; 0 without D (its term is ``a w P`` and P is built from D)
-    asymmetric: float
+    asymmetric_coefficient: float
     #: CAE's ``b``: its ``H`` half is the ``b`` in ``c``, its ``D`` half the ``b`` in ``v``
-    compensation_aware: float
+    compensation_aware_coefficient: float
     #: FOEM's ``f``, the ``f`` in ``c``
-    first_order: float
+    first_order_coefficient: float
     #: ``c = b + f``: the share of ``w0 - w`` that the modified error carries
     error_coefficient: float
     #: ``c != 0``: the error carries ``c w0`` (a CAE or FOEM term)
@@ -639,9 +639,9 @@ class LoopPlan:
         mask = None if rows_with_terms is None else rows_with_terms.to(GPTQ_PRECISION)
         per_row = (lambda value: value) if mask is None else (lambda value: value * mask)
         return cls(
-            asymmetric=per_row(a),
-            compensation_aware=per_row(b),
-            first_order=per_row(f),
+            asymmetric_coefficient=per_row(a),
+            compensation_aware_coefficient=per_row(b),
+            first_order_coefficient=per_row(f),
             error_coefficient=per_row(b + f),
             error_has_original=b + f != 0.0,
             uses_asymmetry=uses_asymmetry,
@@ -724,7 +724,7 @@ class _Block:
         self.diagonal1 = diagonal1 = torch.diagonal(Hinv1, dim1=-2, dim2=-1).unsqueeze(-1)
         self.W0_1 = W0[:, i1:i2] if W0 is not None else None
         # e = ((1 - c) w + error_offset - q) / U_cc, error_offset = c w0 - b V[:, c] U_cc
-        cae = plan.compensation_aware
+        cae = plan.compensation_aware_coefficient
         c = plan.error_coefficient
         self.error_offset = c * self.W0_1 if plan.error_has_original else None
         if plan.w0_error_shift:
@@ -764,9 +764,9 @@ class _Block:
         if plan.driver_in_loop:
             # -v = (b - a) w - b w0 (the w0 part here only with dynamic scales)
             negative_drive = self.Drive1[:, i]
-            torch.mul(w, plan.compensation_aware - plan.asymmetric, out=negative_drive)
+            torch.mul(w, plan.compensation_aware_coefficient - plan.asymmetric_coefficient, out=negative_drive)
             if plan.w0_in_driver:
-                _add_scaled(negative_drive, self.W0_1[:, i], -plan.compensation_aware)
+                _add_scaled(negative_drive, self.W0_1[:, i], -plan.compensation_aware_coefficient)
         if i + 1 < window_end:
             later = W1[:, i + 1:window_end]
             if plan.driver_in_loop:
@@ -795,7 +795,7 @@ class _Block:
         column by column: only the in-block updates need the per-column error.
         """
         plan = self.plan
-        cae = plan.compensation_aware
+        cae = plan.compensation_aware_coefficient
         latent = self.Latent1[:, :stop]
         lazy_error, lazy_value = self.Err1[:, :stop], latent
         if plan.lazy_differs:
@@ -811,7 +811,7 @@ class _Block:
             lazy_error = lazy_error + cae * (latent - lazy_value) / self.diagonal1[:, :stop]
         if not plan.driver_in_loop:
             return lazy_error, None
-        lazy_drive = (plan.asymmetric - cae) * lazy_value
+        lazy_drive = (plan.asymmetric_coefficient - cae) * lazy_value
         if plan.w0_in_driver:
             lazy_drive = lazy_drive + cae * self.W0_1[:, :stop]
         return lazy_error, lazy_drive
