@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -195,6 +196,16 @@ def cost_page(study: Path, manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def _setting_words(name: str) -> str:
+    """``w4_g128_brown`` -> ``W4A16 g128, Brown-calibrated``."""
+    match = re.fullmatch(r"w(\d+)_(g\d+|channel)_(\w+)", name)
+    if not match:
+        return name
+    bits, group, corpus = match.groups()
+    corpus = {"brown": "Brown", "sotu": "SOTU"}.get(corpus, corpus)
+    return f"W{bits}A16 {group}, {corpus}-calibrated"
+
+
 def headline(studies: list[tuple[Path, dict]]) -> str:
     """The README's table: the default method against the best stock setting, for every
     quality study that the manifests mark ``headline``."""
@@ -211,7 +222,7 @@ def headline(studies: list[tuple[Path, dict]]) -> str:
             best = {corpus: setting.best_stock(corpus) for corpus in CORPORA}
             seeds = len(setting.scores[default])
             lines.append(
-                f"| {manifest['model']}, {setting.name} | {seeds} | {best['brown']} / "
+                f"| {manifest['model']}, {_setting_words(setting.name)} | {seeds} | {best['brown']} / "
                 f"{best['sotu']} | "
                 + " / ".join(_mean_std(setting.perplexities(best[c], c), digits=1)
                              for c in CORPORA) + " | "
