@@ -82,6 +82,14 @@ VARIANTS = {
     "recommended_clip_hessian_block": ("CAEModifier", {"guard": "gptq",
                                                        "clipping": "hessian_block",
                                                        "candidate_row_stride": 4}),
+    # the group scales re-fitted by least squares to the loop's codes
+    # (rescomp_modifiers/scale_refit.py), on stock GPTQ's solve (imatrix ranges) and on
+    # the recommended default's
+    "gptq_imatrix_refit": ("CAEModifier", {"statistics": "gptq",
+                                           "compensation_aware_coefficient": 0.0,
+                                           "observer": "imatrix_mse", "refit_scales": True}),
+    "recommended_refit": ("CAEModifier", {"guard": "gptq", "observer": "imatrix_mse",
+                                          "candidate_row_stride": 4, "refit_scales": True}),
 }
 
 

@@ -11,6 +11,7 @@ from loguru import logger
 
 from rescomp_modifiers.clipping import CLIPPING_STRATEGIES, ClippingObjective
 from rescomp_modifiers.compensation import GroupScales
+from rescomp_modifiers.scale_refit import check_refit_supported
 
 __all__ = ["check_before_calibration"]
 
@@ -24,6 +25,9 @@ def check_before_calibration(modifier, model: torch.nn.Module, modules) -> None:
     _check_finite_weights(name, modules, modifier._module_names)
     _check_row_stride(modifier, modules, modifier._module_names)
     _check_clipping(name, modifier.clipping, modifier.group_scales, config)
+    if modifier.refit_scales:
+        _check_refit(name, config)
+    _check_dynamic_groups_observer(name, modifier.group_scales, config)
     _warn_where_measured_worse_after_rotation(modifier, config, model)
 
 
@@ -76,6 +80,36 @@ def _check_clipping(name: str, clipping: ClippingObjective, group_scales: GroupS
             raise ValueError(f"{name}: clipping {clipping.value!r} cannot take config group "
                              f"{group!r}: {problem}; use clipping: observer with the "
                              "scheme's own observer")
+
+
+def _check_dynamic_groups_observer(name: str, group_scales: GroupScales, config) -> None:
+    """Dynamic groups re-run the scheme's observer on each group's latent weights, out of
+    the module's forward hooks: imatrix_mse would find no importance there and fall back
+    to plain MSE with only a log line."""
+    if group_scales != GroupScales.DYNAMIC:
+        return
+    for group, scheme in config.config_groups.items():
+        if scheme.weights is not None and scheme.weights.observer == "imatrix_mse":
+            raise ValueError(
+                f"{name}: group_scales: dynamic cannot use observer imatrix_mse (config "
+                f"group {group!r}): the ranges are re-searched on the latent weights inside "
+                "the column loop, where the observer has no importance data and would "
+                "silently become plain MSE. Use group_scales: static with imatrix_mse, or "
+                "observer: memoryless_mse with dynamic groups.")
+
+
+def _check_refit(name: str, config) -> None:
+    """A scheme whose scales are not each row's own."""
+    for group, scheme in config.config_groups.items():
+        if scheme.weights is None:
+            continue
+        try:
+            check_refit_supported(scheme.weights)
+        except ValueError as error:
+            raise ValueError(f"{name}: config group {group!r}: {error}") from None
+        if getattr(scheme.weights, "dynamic", False):
+            raise ValueError(f"{name}: config group {group!r}: refit_scales needs static "
+                             "weight scales; set refit_scales: false for dynamic ones.")
 
 
 def _warn_where_measured_worse_after_rotation(modifier, config, model) -> None:

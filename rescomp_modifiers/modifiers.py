@@ -155,6 +155,12 @@ class CompensationModifier(GPTQModifier):
     #: own output error ``e H_gg e^T``. Integer group (and, for ``uncompensable``,
     #: channel) scales with static groups; the observer's ranges are replaced.
     clipping: ClippingObjective = ClippingObjective.OBSERVER
+    #: After the column loop, re-fit each row's group scales to the codes it chose, by
+    #: least squares on the layer's output error over all calibration tokens (one
+    #: unknown per group; :mod:`rescomp_modifiers.scale_refit`). The integer codes and
+    #: zero points stay; a row keeps its scales where the refit would not lower the
+    #: error. Integer group or channel scales.
+    refit_scales: bool = False
 
     @field_validator("block_size")
     @classmethod
@@ -393,7 +399,8 @@ class CompensationModifier(GPTQModifier):
             solved = solve_units(
                 units, statistics, self._candidates(self.compensation_terms(quant_args.num_bits)),
                 self.selects_candidates, clipping=self.clipping, percdamp=self.dampening_frac,
-                block_size=self.block_size, row_stride=self.candidate_row_stride)
+                block_size=self.block_size, row_stride=self.candidate_row_stride,
+                refits_scales=self.refit_scales)
             if solved.selection is not None:
                 self._selection_log.record(names, solved.selection)
             for comp_logger, loss in zip(comp_loggers, solved.per_module(solved.result.row_losses)):

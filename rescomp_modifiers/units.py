@@ -8,13 +8,14 @@ go to the solver as one batch, as upstream batches same-shape modules.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from compressed_tensors.quantization import QuantizationStrategy
 
 from rescomp_modifiers.clipping import ClippingObjective, search_clipping
 from rescomp_modifiers.compensation import CompensationResult
+from rescomp_modifiers.scale_refit import refit_scales
 from rescomp_modifiers.selection import (
     Candidate,
     Selection,
@@ -91,12 +92,14 @@ def _searched_ranges(weights, fit: Statistics, quant_args, clipping, percdamp, s
 
 def solve_units(units: list[list[torch.nn.Module]], statistics, candidates: list[Candidate],
                 selects: bool, *, clipping: ClippingObjective, percdamp: float,
-                block_size: int, row_stride: int) -> SolvedUnits:
+                block_size: int, row_stride: int, refits_scales: bool = False) -> SolvedUnits:
     """One solver call: each unit's modules stacked by rows into one batch item, with the
     observers' qparams (or the clipping search's), solved as ``candidates[0]`` or, when
     ``selects``, by the contest of all ``candidates``.
 
     :param statistics: ``(fit, judge, refit)`` of the units, stacked
+    :param refits_scales: re-fit the group scales to the winner's codes on all the
+        calibration tokens (:mod:`rescomp_modifiers.scale_refit`)
     """
     fit, judge, refit = statistics
     modules = [module for unit in units for module in unit]
@@ -128,5 +131,10 @@ def solve_units(units: list[list[torch.nn.Module]], statistics, candidates: list
     else:
         result = solve_candidate(candidates[0], weights, fit, scales, zero_points,
                                  global_scales, quant_args, **options)
+    if refits_scales:
+        final = refit if refit is not None else fit
+        quantized, scale = refit_scales(result.quantized, result.scale, weights,
+                                        final.hessians, final.asymmetry)
+        result = replace(result, quantized=quantized, scale=scale)
     rows = [[module.weight.shape[0] for module in unit] for unit in units]
     return SolvedUnits(modules, result, selection, global_scales, rows)

@@ -92,3 +92,14 @@ def test_importance_comes_from_the_quantized_stream(tiny_model_dir, monkeypatch,
         full_precision = fp_sums[module] / fp_sums[module].mean()
         streams_differ += not torch.allclose(full_precision, used[module], rtol=1e-3)
     assert streams_differ >= 7  # the second layer's modules: the test tells them apart
+
+
+def test_dynamic_groups_refuse_imatrix_instead_of_falling_back_to_plain_mse(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from helpers import run_unshuffled
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(ValueError, match="group_scales: dynamic cannot use observer imatrix_mse"):
+        run_unshuffled(model, [CAEModifier(ignore=IGNORE, group_scales="dynamic",
+                                           **_scheme())])
