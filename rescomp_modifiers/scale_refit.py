@@ -8,21 +8,26 @@ its group scales, ``q = s_g(i) C_i``, so the scales that minimize the layer's ou
 error for those codes have a closed form: a least-squares problem with one unknown per
 group.
 
-The objective is the solver's own (:func:`~rescomp_modifiers.objectives.excess_output_error`,
-``E = Q - W0``)::
+The objective is GPTQ's layer output error on the quantized stream's inputs
+(``E = Q - W0``, ``H = X_q X_q^T`` normalized as the solver's)::
 
-    f(s) = tr(E H E^T) - 2 tr(W0 D E^T)
+    f(s) = tr(E H E^T)
          = s^T A s - 2 b^T s + const          per row, with
     A_gh = sum_{i in g, j in h} C_i H_ij C_j
-    b_g  = sum_{i in g} C_i [W0 (H + D)]_i
+    b_g  = sum_{i in g} C_i (W0 H)_i
 
-so ``s* = A^-1 b`` (``D = 0``: GPTQ's ``||(Q - W0) X||^2``; with the full-precision
-stream, ``W0 (H + D)`` is the cross-correlation of the full-precision output with the
-quantized inputs, the target GPTAQ and CAE fit). The codes, the zero points and so the
-checkpoint's integer weights stay as the loop left them; only the scales (and the
-dequantized weights that read them) change. ``A`` is the Gram matrix of the row's
-group-masked codes under ``H``: ``G`` unknowns per row against thousands of calibration
-tokens, so the fit is well determined where the loop's own solve is not.
+so ``s* = A^-1 b``. ``A`` is the Gram matrix of the row's group-masked codes under
+``H``: ``G`` unknowns per row against thousands of calibration tokens, so the fit is well
+determined. The codes, the zero points and so the checkpoint's integer weights stay as
+the loop left them; only the scales (and the dequantized weights that read them) change.
+
+The target is GPTQ's ``W0 X_q`` also after a GPTAQ or CAE loop, which fitted the
+full-precision output ``W0 X_fp``: fitting that with a few scales per row (``b`` from
+``W0 (H + D)``) lowered each layer's error on the calibration tokens and ruined the
+model: on SmolLM2-135M at W3 g64 the recommended default's Brown perplexity went from
+83.5 to 235 (docs/results/refit-smollm2.md). Our reading, not isolated: a regression of
+``W0 X_fp`` on ``X_q`` shrinks its coefficients where the two streams decorrelate
+(regression dilution), and the shrinkage compounds over the layers.
 
 A row keeps its old scales where the refit would not lower ``f`` once the new scales are
 rounded to the checkpoint's scale dtype, where any new scale is not positive and finite
@@ -56,8 +61,7 @@ def check_refit_supported(quant_args: QuantizationArgs) -> None:
 
 @torch.no_grad()
 def refit_scales(quantized: torch.Tensor, scale: torch.Tensor, original_weights: torch.Tensor,
-                 hessians: torch.Tensor, asymmetry: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 hessians: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The least-squares group scales for the loop's codes, and the weights they give.
 
     :param quantized: the loop's fake-quantized weights ``Q``, ``[batch, rows, columns]``
@@ -65,7 +69,6 @@ def refit_scales(quantized: torch.Tensor, scale: torch.Tensor, original_weights:
         contiguous in the original column order; 1 group: channel scales)
     :param original_weights: ``W0``, ``[batch, rows, columns]``
     :param hessians: ``H``, ``[batch, columns, columns]`` (normalized like the solver's)
-    :param asymmetry: ``D`` of the same tokens, or None (GPTQ's objective)
     :return: ``(quantized, scale)`` in the input dtypes; rows that keep their scales are
         returned unchanged, bit for bit
     """
@@ -79,8 +82,7 @@ def refit_scales(quantized: torch.Tensor, scale: torch.Tensor, original_weights:
         codes = torch.round(quantized[item].to(torch.float64) / per_column)
         H = hessians[item].to(torch.float32)
         W0 = original_weights[item].to(torch.float32)
-        cross = H if asymmetry is None else H + asymmetry[item].to(torch.float32)
-        target = (W0 @ cross).to(torch.float64)  # W0 (H + D)
+        target = (W0 @ H).to(torch.float64)
         codes32 = codes.to(torch.float32)
         grouped = codes.view(rows, groups, group_size)
         b = (grouped * target.view(rows, groups, group_size)).sum(-1)  # [rows, groups]

@@ -12,14 +12,12 @@ TOKENS, ROWS, COLUMNS = 300, 5, 24
 
 
 def _streams(seed: int):
-    """Quantized-stream inputs with uneven column scales, and full-precision inputs near
-    them, float64; H and D in the solver's normalization (2/N, the same for both)."""
+    """Inputs with uneven column scales, float64, and their H in the solver's
+    normalization (2/N)."""
     generator = torch.Generator().manual_seed(seed)
     x_q = torch.randn(TOKENS, COLUMNS, generator=generator, dtype=torch.float64) * (
         0.2 + 2 * torch.rand(COLUMNS, generator=generator, dtype=torch.float64))
-    x_fp = x_q + 0.1 * torch.randn(TOKENS, COLUMNS, generator=generator, dtype=torch.float64)
-    norm = 2.0 / TOKENS
-    return x_q, x_fp, norm * x_q.T @ x_q, norm * (x_fp - x_q).T @ x_q
+    return x_q, 2.0 / TOKENS * x_q.T @ x_q
 
 
 def _rounded(weights: torch.Tensor, group_size: int, levels: int = 4):
@@ -43,21 +41,17 @@ def _least_squares_scales(codes, group_size, x_q, target_output):
 
 
 @pytest.mark.parametrize("group_size", [8, COLUMNS], ids=["group", "channel"])
-@pytest.mark.parametrize("with_asymmetry", [True, False], ids=["fp-target", "gptq-target"])
-def test_refit_scales_are_the_least_squares_fit_of_the_output(group_size, with_asymmetry):
-    """With D: the scales that best reproduce the full-precision output ``W0 x_fp`` from
-    the quantized inputs; without: GPTQ's ``W0 x_q``."""
-    x_q, x_fp, H, D = _streams(seed=1)
+def test_refit_scales_are_the_least_squares_fit_of_the_output(group_size):
+    """The scales that best reproduce GPTQ's target ``W0 x_q`` from the codes."""
+    x_q, H = _streams(seed=1)
     W0 = torch.randn(ROWS, COLUMNS, generator=torch.Generator().manual_seed(2),
                      dtype=torch.float64)
     codes, scale = _rounded(W0, group_size)
     quantized = codes * scale.repeat_interleave(group_size, 1)
-    target = (x_fp if with_asymmetry else x_q) @ W0.T  # [tokens, rows]
-    expected = _least_squares_scales(codes, group_size, x_q, target)
+    expected = _least_squares_scales(codes, group_size, x_q, x_q @ W0.T)
 
     new_quantized, new_scale = refit_scales(
-        quantized[None].float(), scale[None].float(), W0[None].float(), H[None].float(),
-        D[None].float() if with_asymmetry else None)
+        quantized[None].float(), scale[None].float(), W0[None].float(), H[None].float())
 
     torch.testing.assert_close(new_scale[0].double(), expected, rtol=1e-5, atol=1e-6)
     # the codes stay: the new weights are the new scales times the old codes
@@ -66,17 +60,17 @@ def test_refit_scales_are_the_least_squares_fit_of_the_output(group_size, with_a
 
 
 def test_a_group_of_zero_codes_keeps_its_scale_and_the_rest_is_fitted():
-    x_q, x_fp, H, D = _streams(seed=3)
+    x_q, H = _streams(seed=3)
     W0 = torch.randn(ROWS, COLUMNS, generator=torch.Generator().manual_seed(4),
                      dtype=torch.float64)
     codes, scale = _rounded(W0, 8)
     codes[0, :8] = 0  # row 0's first group says nothing about its scale
     quantized = codes * scale.repeat_interleave(8, 1)
     _, new_scale = refit_scales(quantized[None].float(), scale[None].float(),
-                                W0[None].float(), H[None].float(), D[None].float())
+                                W0[None].float(), H[None].float())
     assert new_scale[0, 0, 0] == scale[0, 0].float()
     # the other groups of that row: the least-squares fit with the silent group held
-    residual = x_fp @ W0[0] - x_q[:, :8] @ (codes[0, :8] * scale[0, 0])
+    residual = x_q @ W0[0] - x_q[:, :8] @ (codes[0, :8] * scale[0, 0])
     design = torch.stack([x_q @ (codes[0] * (torch.arange(COLUMNS) // 8 == g))
                           for g in (1, 2)], 1)
     expected = torch.linalg.lstsq(design, residual[:, None]).solution[:, 0]
@@ -86,27 +80,27 @@ def test_a_group_of_zero_codes_keeps_its_scale_and_the_rest_is_fitted():
 def test_a_row_whose_fit_is_not_a_positive_scale_keeps_its_weights_bit_for_bit():
     """Codes anti-correlated with the target would want negative scales: the row keeps
     what the loop gave it; the other rows are refitted."""
-    x_q, x_fp, H, D = _streams(seed=5)
+    x_q, H = _streams(seed=5)
     W0 = torch.randn(ROWS, COLUMNS, generator=torch.Generator().manual_seed(6),
                      dtype=torch.float64)
     codes, scale = _rounded(W0, 8)
     codes[2] = -codes[2]
     quantized = (codes * scale.repeat_interleave(8, 1)).float()
     new_quantized, new_scale = refit_scales(quantized[None], scale[None].float(),
-                                            W0[None].float(), H[None].float(), D[None].float())
+                                            W0[None].float(), H[None].float())
     assert torch.equal(new_quantized[0, 2], quantized[2])
     assert torch.equal(new_scale[0, 2], scale[2].float())
     assert not torch.equal(new_scale[0, 0], scale[0].float())
 
 
 def _first_layer_errors(tiny_model_dir, monkeypatch, refit: bool) -> dict:
-    """Each first-layer module's ``tr(E H E^T) - 2 tr(W0 D E^T)`` (float64, from the
-    statistics its solve received) and its integer codes."""
+    """Each first-layer module's GPTQ output error ``tr(E H E^T)`` (float64, from the H
+    its solve received) and its integer codes."""
     from transformers import AutoModelForCausalLM
 
     statistics = {}
-    record_solves(monkeypatch, lambda names, hessian, asymmetry: statistics.update(
-        {name: (hessian, asymmetry, len(names), index) for index, name in enumerate(names)}))
+    record_solves(monkeypatch, lambda names, hessian, _asymmetry: statistics.update(
+        {name: hessian for name in names}))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     originals = {name: module.weight.detach().clone().double()
                  for name, module in model.named_modules() if name.startswith("model.layers.0.")
@@ -119,13 +113,10 @@ def _first_layer_errors(tiny_model_dir, monkeypatch, refit: bool) -> dict:
     outcome = {}
     for name, W0 in originals.items():
         module = modules[name]
-        hessian, asymmetry, _, _ = statistics[name]
-        # a row-stacked unit's H and D are its members': the module's rows alone
-        Q = module.weight.detach().double()
-        E = Q - W0
-        error = float((E @ hessian.double() * E).sum()
-                      - 2 * (W0 @ asymmetry.double() * E).sum())
-        codes = torch.round(Q / module.weight_scale.double().repeat_interleave(16, 1))
+        # a row-stacked unit's H is each member's: the module's rows alone
+        E = module.weight.detach().double() - W0
+        error = float((E @ statistics[name].double() * E).sum())
+        codes = torch.round(module.weight.detach().double() / module.weight_scale.double().repeat_interleave(16, 1))
         outcome[name] = (error, codes)
     return outcome
 
