@@ -90,9 +90,6 @@ VARIANTS = {
                                            "observer": "imatrix_mse", "refit_scales": True}),
     "recommended_refit": ("CAEModifier", {"guard": "gptq", "observer": "imatrix_mse",
                                           "candidate_row_stride": 4, "refit_scales": True}),
-    "recommended_refit2": ("CAEModifier", {"guard": "gptq", "observer": "imatrix_mse",
-                                           "candidate_row_stride": 4, "refit_scales": True,
-                                           "refit_rounds": 2}),
 }
 
 

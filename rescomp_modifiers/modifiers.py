@@ -161,10 +161,6 @@ class CompensationModifier(GPTQModifier):
     #: zero points stay; a row keeps its scales where the refit would not lower the
     #: error. Integer group or channel scales.
     refit_scales: bool = False
-    #: With ``refit_scales``: how many times to solve and refit. Each later round solves
-    #: again from the original weights with the last refit's scales as static ranges
-    #: (the codes then follow the fitted scales), so it costs one more solve per round.
-    refit_rounds: int = 1
 
     @field_validator("block_size")
     @classmethod
@@ -180,14 +176,6 @@ class CompensationModifier(GPTQModifier):
     def _validate_candidate_row_stride(cls, value):
         if value < 1:
             raise ValueError(f"candidate_row_stride must be >= 1 (1: judge on every row), "
-                             f"got {value}")
-        return value
-
-    @field_validator("refit_rounds")
-    @classmethod
-    def _validate_refit_rounds(cls, value):
-        if value < 1:
-            raise ValueError(f"refit_rounds must be >= 1 (1: refit once after the solve), "
                              f"got {value}")
         return value
 
@@ -412,7 +400,7 @@ class CompensationModifier(GPTQModifier):
                 units, statistics, self._candidates(self.compensation_terms(quant_args.num_bits)),
                 self.selects_candidates, clipping=self.clipping, percdamp=self.dampening_frac,
                 block_size=self.block_size, row_stride=self.candidate_row_stride,
-                refit_rounds=self.refit_rounds if self.refit_scales else 0)
+                refits_scales=self.refit_scales)
             if solved.selection is not None:
                 self._selection_log.record(names, solved.selection)
             for comp_logger, loss in zip(comp_loggers, solved.per_module(solved.result.row_losses)):

@@ -92,16 +92,14 @@ def _searched_ranges(weights, fit: Statistics, quant_args, clipping, percdamp, s
 
 def solve_units(units: list[list[torch.nn.Module]], statistics, candidates: list[Candidate],
                 selects: bool, *, clipping: ClippingObjective, percdamp: float,
-                block_size: int, row_stride: int, refit_rounds: int = 0) -> SolvedUnits:
+                block_size: int, row_stride: int, refits_scales: bool = False) -> SolvedUnits:
     """One solver call: each unit's modules stacked by rows into one batch item, with the
     observers' qparams (or the clipping search's), solved as ``candidates[0]`` or, when
     ``selects``, by the contest of all ``candidates``.
 
     :param statistics: ``(fit, judge, refit)`` of the units, stacked
-    :param refit_rounds: 0: the solve's scales; 1: re-fit the group scales to the
-        winner's codes on all the calibration tokens (:mod:`rescomp_modifiers.scale_refit`);
-        k > 1: solve again k - 1 times, each from ``W0`` with the last refit's scales
-        as its static ranges, and refit again
+    :param refits_scales: re-fit the group scales to the winner's codes on all the
+        calibration tokens (:mod:`rescomp_modifiers.scale_refit`)
     """
     fit, judge, refit = statistics
     modules = [module for unit in units for module in unit]
@@ -124,20 +122,19 @@ def solve_units(units: list[list[torch.nn.Module]], statistics, candidates: list
         scales, zero_points = _searched_ranges(weights, fit, quant_args, clipping, percdamp,
                                                scales, zero_points)
     options = dict(blocksize=block_size, percdamp=percdamp)
-    for _ in range(max(refit_rounds, 1)):
-        selection = None
-        if selects:
-            selection = select_and_solve(candidates, weights, fit, judge, refit, scales,
-                                         zero_points, global_scales, quant_args,
-                                         row_stride=row_stride, **options)
-            result = selection.result
-        else:
-            result = solve_candidate(candidates[0], weights, fit, scales, zero_points,
-                                     global_scales, quant_args, **options)
-        if refit_rounds:
-            final = refit if refit is not None else fit
-            quantized, scales = refit_scales(result.quantized, result.scale, weights,
-                                             final.hessians)
-            result = replace(result, quantized=quantized, scale=scales)
+    selection = None
+    if selects:
+        selection = select_and_solve(candidates, weights, fit, judge, refit, scales,
+                                     zero_points, global_scales, quant_args,
+                                     row_stride=row_stride, **options)
+        result = selection.result
+    else:
+        result = solve_candidate(candidates[0], weights, fit, scales, zero_points,
+                                 global_scales, quant_args, **options)
+    if refits_scales:
+        final = refit if refit is not None else fit
+        quantized, scale = refit_scales(result.quantized, result.scale, weights,
+                                        final.hessians)
+        result = replace(result, quantized=quantized, scale=scale)
     rows = [[module.weight.shape[0] for module in unit] for unit in units]
     return SolvedUnits(modules, result, selection, global_scales, rows)
