@@ -159,7 +159,8 @@ class CompensationModifier(GPTQModifier):
     #: least squares on the layer's output error over all calibration tokens (one
     #: unknown per group; :mod:`rescomp_modifiers.scale_refit`). The integer codes and
     #: zero points stay; a row keeps its scales where the refit would not lower the
-    #: error. Integer group or channel scales.
+    #: error. Integer group or channel scales. Measured (docs/usage.md): better on
+    #: SmolLM2 at W3, no change at W4, worse on Qwen2.5-Coder-0.5B at W4 g128; so off.
     refit_scales: bool = False
 
     @field_validator("block_size")
