@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
 
-__all__ = ["REFIT_STRATEGIES", "refit_scales"]
+__all__ = ["REFIT_STRATEGIES", "check_refit_supported", "refit_scales"]
 
 #: integer weights with a scale per row and group (or per row): the dequantized row is
 #: linear in its own scales and in nothing else
