@@ -107,9 +107,6 @@ def _check_refit(name: str, config) -> None:
             check_refit_supported(scheme.weights)
         except ValueError as error:
             raise ValueError(f"{name}: config group {group!r}: {error}") from None
-        if getattr(scheme.weights, "dynamic", False):
-            raise ValueError(f"{name}: config group {group!r}: refit_scales needs static "
-                             "weight scales; set refit_scales: false for dynamic ones.")
 
 
 def _warn_where_measured_worse_after_rotation(modifier, config, model) -> None:

@@ -48,7 +48,8 @@ REFIT_STRATEGIES = (QuantizationStrategy.GROUP, QuantizationStrategy.CHANNEL)
 
 
 def check_refit_supported(quant_args: QuantizationArgs) -> None:
-    """Refuse a scheme whose scales the refit cannot change alone."""
+    """Refuse a scheme whose scales the refit cannot change alone, or that has no
+    stored scales to change (dynamic)."""
     strategy = QuantizationStrategy(quant_args.strategy)
     if quant_args.type != "int" or strategy not in REFIT_STRATEGIES:
         raise ValueError(
@@ -57,6 +58,9 @@ def check_refit_supported(quant_args: QuantizationArgs) -> None:
             "refit_scales: false for it (float and block/tensor scales are shared "
             "across rows or sit on a non-uniform grid)."
         )
+    if quant_args.dynamic:
+        raise ValueError("refit_scales needs static weight scales; set refit_scales: false "
+                         "for dynamic ones.")
 
 
 @torch.no_grad()

@@ -146,3 +146,15 @@ def test_refit_is_refused_for_a_float_scheme(tiny_model_dir):
     with pytest.raises(ValueError, match="refit_scales needs integer weights"):
         run_unshuffled(model, [CAEModifier(ignore=IGNORE, refit_scales=True,
                                            scheme="FP8_DYNAMIC", targets=["Linear"])])
+
+
+def test_refit_is_refused_for_dynamic_weight_scales():
+    from compressed_tensors.quantization import QuantizationArgs
+
+    from rescomp_modifiers.scale_refit import check_refit_supported
+
+    check_refit_supported(QuantizationArgs(num_bits=4, type="int", strategy="group",
+                                           group_size=32))
+    with pytest.raises(ValueError, match="refit_scales needs static weight scales"):
+        check_refit_supported(QuantizationArgs(num_bits=4, type="int", strategy="group",
+                                               group_size=32, dynamic=True))
