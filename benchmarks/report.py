@@ -222,7 +222,8 @@ def headline(studies: list[tuple[Path, dict]]) -> str:
             best = {corpus: setting.best_stock(corpus) for corpus in CORPORA}
             seeds = len(setting.scores[default])
             lines.append(
-                f"| {manifest['model']}, {_setting_words(setting.name)} | {seeds} | {best['brown']} / "
+                f"| {manifest['model']}, {_setting_words(setting.name)} | {seeds} | "
+                f"{best['brown']} / "
                 f"{best['sotu']} | "
                 + " / ".join(_mean_std(setting.perplexities(best[c], c), digits=1)
                              for c in CORPORA) + " | "

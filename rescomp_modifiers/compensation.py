@@ -547,7 +547,8 @@ def _compensation_loop(plan, W, W0, D, Hinv, quantizer, used_rtn_fallback, block
     window = IN_BLOCK_WINDOW
     dynamic = None if plan.static_scales else _DynamicGroups(quantizer)
     # FOEM's pull toward W0, off for round-to-nearest fallback items (no terms at all)
-    pull = plan.first_order_coefficient * (~used_rtn_fallback).to(W.dtype).unsqueeze(-1)  # [batch, 1]
+    # [batch, 1]
+    pull = plan.first_order_coefficient * (~used_rtn_fallback).to(W.dtype).unsqueeze(-1)
 
     for i1 in range(0, num_columns, blocksize):
         block = _Block(plan, W, W0, D, Hinv, quantizer, i1, min(i1 + blocksize, num_columns))
@@ -764,7 +765,8 @@ class _Block:
         if plan.driver_in_loop:
             # -v = (b - a) w - b w0 (the w0 part here only with dynamic scales)
             negative_drive = self.Drive1[:, i]
-            torch.mul(w, plan.compensation_aware_coefficient - plan.asymmetric_coefficient, out=negative_drive)
+            torch.mul(w, plan.compensation_aware_coefficient - plan.asymmetric_coefficient,
+                      out=negative_drive)
             if plan.w0_in_driver:
                 _add_scaled(negative_drive, self.W0_1[:, i], -plan.compensation_aware_coefficient)
         if i + 1 < window_end:

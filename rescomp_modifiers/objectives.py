@@ -13,7 +13,6 @@ from rescomp_modifiers.upstream import GPTQ_PRECISION
 __all__ = ["excess_output_error", "weights_times_asymmetry", "least_squares_start"]
 
 
-
 @torch.no_grad()
 def excess_output_error(quantized: torch.Tensor, original_weights: torch.Tensor,
                         hessians: torch.Tensor, asymmetry: torch.Tensor | None = None, *,
